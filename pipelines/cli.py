@@ -1,0 +1,194 @@
+"""The ``medfuse`` command: synth, ingest, finetune, evaluate, quickstart.
+
+Every sub-command calls the stage's plain ``run(...)`` function, the same one a
+``ray job submit -- medfuse ...`` entrypoint runs on a cluster. Input and config errors exit
+with code 2 and a message naming the key or argument; nothing is written before validation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from medfuse_core.config import ConfigError, FinetuneConfig, IngestConfig, load_config
+from medfuse_core.sources import SourceError
+
+log = logging.getLogger("medfuse")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CPU_EXPERIMENT = REPO_ROOT / "experiments" / "finetune_cxr_cpu.yaml"
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """Bad command-line input; exits with code 2."""
+
+
+def _setup_logging(verbose: bool) -> None:
+    from pipelines.runtime import quiet_third_party
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    quiet_third_party()
+
+
+def cmd_synth(args) -> int:
+    from medfuse_core.synth import generate_corpus
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise UsageError(f"--out: {out} exists and is not empty")
+    if args.studies < 1:
+        raise UsageError("--studies: must be at least 1")
+    summary = _with_progress("synth", lambda cb: generate_corpus(out, n_studies=args.studies, seed=args.seed,
+                                                                 progress=cb))
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def _ingest_config(args) -> IngestConfig:
+    raw = []
+    if args.image_size is not None:
+        raw.append(f"image_size={args.image_size}")
+    if args.views is not None:
+        raw.append(f"views={[v for v in args.views.split(',') if v]}")
+    return load_config(args.config, raw + list(args.overrides), schema=IngestConfig)
+
+
+def cmd_ingest(args) -> int:
+    from pipelines import ingest
+
+    cfg = _ingest_config(args)
+    summary = ingest.run(args.format, args.root, args.out, cfg)
+    _print_ingest(summary)
+    return 0
+
+
+def _print_ingest(summary: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="ingest", show_header=False)
+    for key in ("n_records", "n_ok", "n_quarantined", "n_filtered"):
+        table.add_row(key, str(summary[key]))
+    table.add_row("quarantine_by_reason", json.dumps(summary["quarantine_by_reason"]))
+    table.add_row("splits", json.dumps(summary["splits"]))
+    Console().print(table)
+
+
+def cmd_finetune(args) -> int:
+    from pipelines import finetune
+
+    cfg = load_config(args.config, args.overrides, schema=FinetuneConfig)
+    facts = finetune.run(cfg, args.data, args.workdir)
+    print(json.dumps({k: facts[k] for k in ("mlflow_run_id", "best_epoch", "best_val_auroc_macro", "model_dir",
+                                            "model_uri")}, indent=2))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from pipelines import evaluate
+
+    result = evaluate.run(args.model, args.data, args.out)
+    _print_results(result)
+    return 0
+
+
+def _print_results(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"test split ({result['n_test']} images)")
+    table.add_column("label")
+    for mode in ("image_only", "image_text"):
+        table.add_column(f"AUROC {mode}", justify="right")
+    for name in result["label_names"]:
+        if name in result["image_text"]["auroc"]:
+            table.add_row(name, *(f"{result[m]['auroc'].get(name, float('nan')):.3f}"
+                                  for m in ("image_only", "image_text")))
+    for key in ("auroc_macro", "auprc_macro", "f1_macro"):
+        table.add_row(f"[bold]{key}", *(f"[bold]{result[m][key]:.3f}" for m in ("image_only", "image_text")))
+    Console().print(table)
+
+
+def _with_progress(title: str, fn):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), transient=False) as progress:
+        task = progress.add_task(title, total=None)
+
+        def cb(done, total):
+            progress.update(task, completed=done, total=total)
+
+        return fn(cb)
+
+
+def cmd_quickstart(args) -> int:
+    from pipelines import quickstart
+
+    quickstart.run(args.workdir, studies=args.studies, seed=args.seed, overrides=args.overrides,
+                   config=args.config or CPU_EXPERIMENT)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medfuse", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="write a synthetic chest X-ray corpus in the MIMIC-CXR layout")
+    p.add_argument("--out", required=True)
+    p.add_argument("--studies", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_synth)
+
+    p = sub.add_parser("ingest", help="decode DICOM + reports into Parquet shards on Ray Data")
+    p.add_argument("--format", required=True, choices=["mimic-cxr", "manifest"])
+    p.add_argument("--root", required=True, help="data root (mimic-cxr) or manifest file (.csv/.parquet)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--config", default=None, help="optional YAML with ingest settings")
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--views", default=None, help="comma-separated ViewPosition values to keep (empty: all)")
+    p.add_argument("overrides", nargs="*", help="key=value settings")
+    p.set_defaults(fn=cmd_ingest)
+
+    p = sub.add_parser("finetune", help="train the fusion classifier (Ray Train + DeepSpeed)")
+    p.add_argument("--config", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--workdir", required=True)
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=3")
+    p.set_defaults(fn=cmd_finetune)
+
+    p = sub.add_parser("evaluate", help="score the test split (image-only and image+text)")
+    p.add_argument("--model", required=True, help="finetune workdir, bundle folder, MLflow run id or model URI")
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(fn=cmd_evaluate)
+
+    p = sub.add_parser("quickstart", help="synth -> ingest -> finetune -> evaluate on this machine")
+    p.add_argument("--workdir", default="runs/quickstart")
+    p.add_argument("--studies", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--config", default=None)
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(fn=cmd_quickstart)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``medfuse`` console script."""
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.fn(args)
+    except (ConfigError, SourceError, UsageError, FileNotFoundError) as err:
+        print(f"medfuse {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""Score the test split: image-only and image + clinical context, with thresholds from validation.
+
+``--model`` may be a finetune workdir, a bundle folder, an MLflow run id, or a model URI
+(``runs:/<id>/model``, ``models:/<name>@candidate``). Metrics go to ``--out`` and, when the
+model came from an MLflow run, to that run (test/ metrics, ROC, per-label and calibration plots).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from medfuse_core.metrics import choose_thresholds, multilabel_metrics
+from pipelines import tracking
+from pipelines.ingest import SHARDS_DIR, load_summary
+
+log = logging.getLogger("medfuse")
+
+MODES = ("image_only", "image_text")
+
+
+class _Scorer:
+    """Ray Data callable class: loads the bundle once per actor, scores batches."""
+
+    def __init__(self, bundle_dir: str):
+        import torch
+
+        from medfuse_core.labels import evaluation_targets
+        from medfuse_core.models.bundle import load_bundle
+        from medfuse_core.batching import label_indices
+
+        torch.set_num_threads(1)
+        self.bundle = load_bundle(bundle_dir)
+        self.idx = label_indices(self.bundle.label_names)
+        self._eval_targets = evaluation_targets
+
+    def __call__(self, rows: dict) -> dict:
+        from medfuse_core.inference import score_rows
+
+        scores = score_rows(self.bundle, rows)
+        raw = np.stack([np.asarray(v, dtype=np.float32) for v in rows["labels"]])[:, self.idx]
+        return {
+            "split": rows["split"],
+            "y": list(self._eval_targets(raw)),
+            "image_only": list(scores["image_only"]),
+            "image_text": list(scores["image_text"]),
+        }
+
+
+def resolve_model(ref: str, tmp: Path) -> tuple[Path, dict]:
+    """Find the bundle folder for ``ref``; also return tracking facts (run id, store) when known."""
+    path = Path(ref)
+    if path.is_dir():
+        if (path / "finetune.json").is_file():
+            facts = json.loads((path / "finetune.json").read_text())
+            return path / "model", facts
+        if (path / "medfuse_model.json").is_file():
+            return path, {}
+        raise FileNotFoundError(f"--model: {ref} is neither a finetune workdir nor a model bundle")
+    uri = ref if re.match(r"^[a-z]+:/", ref) else f"runs:/{ref}/model"
+    bundle = tracking.bundle_dir_from_model_uri(uri, tmp)
+    facts = {}
+    m = re.match(r"^runs:/([0-9a-f]+)/", uri)
+    if m:
+        facts["mlflow_run_id"] = m.group(1)
+    return bundle, facts
+
+
+def run(model_ref: str, data_dir: str | Path, out: str | Path) -> dict:
+    """Evaluate and write the metrics JSON; returns it."""
+    import mlflow
+    import ray
+
+    from medfuse_core.models.bundle import read_bundle_meta
+    from pipelines import plots
+    from pipelines.runtime import init_ray
+
+    data_dir = Path(data_dir)
+    load_summary(data_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle_dir, facts = resolve_model(model_ref, Path(tmp))
+        meta = read_bundle_meta(bundle_dir)
+        names = meta["label_names"]
+        init_ray()
+        ds = ray.data.read_parquet(str(data_dir / SHARDS_DIR)).filter(lambda r: r["split"] in ("validate", "test"))
+        scored = ds.map_batches(_Scorer, fn_constructor_kwargs={"bundle_dir": str(bundle_dir)}, batch_size=64,
+                                concurrency=1, batch_format="numpy").to_pandas()
+    parts = {}
+    for split in ("validate", "test"):
+        sub = scored[scored["split"] == split]
+        parts[split] = {k: np.stack(sub[k].to_numpy()) if len(sub) else np.zeros((0, len(names)))
+                        for k in ("y",) + MODES}
+    if len(parts["test"]["y"]) == 0:
+        raise ValueError("--data: the test split is empty")
+    result = {"model": model_ref, "n_test": int(len(parts["test"]["y"])), "label_names": names}
+    for mode in MODES:
+        thresholds = choose_thresholds(parts["validate"][mode], parts["validate"]["y"])
+        result[mode] = multilabel_metrics(parts["test"][mode], parts["test"]["y"], names, thresholds)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+
+    run_id = facts.get("mlflow_run_id")
+    if run_id:
+        if facts.get("tracking_uri"):
+            mlflow.set_tracking_uri(facts["tracking_uri"])
+        with mlflow.start_run(run_id=run_id):
+            mlflow.log_metrics({f"test/{mode}/{key}": result[mode][key]
+                                for mode in MODES for key in ("auroc_macro", "auprc_macro", "f1_macro")})
+            for mode in MODES:
+                for name, value in result[mode]["auroc"].items():
+                    mlflow.log_metric(f"test/{mode}/auroc/{name.replace(' ', '_')}", value)
+            mlflow.log_dict(result, "evaluation/metrics.json")
+            y = parts["test"]["y"]
+            mlflow.log_figure(plots.roc_curves({m: parts["test"][m] for m in MODES}, y, names),
+                              "evaluation/roc_curves.png")
+            mlflow.log_figure(plots.per_label_auroc({m: result[m] for m in MODES}, names),
+                              "evaluation/per_label_auroc.png")
+            mlflow.log_figure(plots.calibration(parts["test"]["image_text"], y, names, "Calibration (image + text)"),
+                              "evaluation/calibration_image_text.png")
+    return result

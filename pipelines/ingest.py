@@ -1,0 +1,149 @@
+"""Ingest on Ray Data: raw DICOM + reports -> decoded Parquet shards + an accounting summary.
+
+Output (written to a temporary folder and moved into place at the end, so a failed run leaves
+nothing half-written)::
+
+    DATA/shards/*.parquet        one row per ok image (see medfuse_core.records.ROW_FIELDS)
+    DATA/ingest_summary.json     counts, per-reason quarantine, splits, digest, quarantine rows
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+from medfuse_core.config import IngestConfig
+from medfuse_core.labels import CHEXPERT_LABELS
+from medfuse_core.records import process_record
+from medfuse_core.sources import FORMATS, SourceError, patients_in_several_splits
+
+log = logging.getLogger("medfuse")
+
+SUMMARY_NAME = "ingest_summary.json"
+SHARDS_DIR = "shards"
+
+
+def _process_batch(batch: dict, cfg_json: str) -> dict:
+    cfg = IngestConfig.model_validate_json(cfg_json)
+    keys = list(batch.keys())
+    n = len(batch[keys[0]])
+    rows = [process_record({k: _py(batch[k][i]) for k in keys}, cfg) for i in range(n)]
+    return {field: [row[field] for row in rows] for field in rows[0]}
+
+
+def _py(value):
+    """numpy scalars/arrays from Ray Data back to plain Python values."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return value
+
+
+def dataset_digest(rows) -> str:
+    """Content digest of the ok rows: record ids, splits, image hashes and labels."""
+    h = hashlib.sha256()
+    for rec in sorted(rows, key=lambda r: r["record_id"]):
+        h.update(f"{rec['record_id']}|{rec['split']}|{rec['image_sha1']}|{rec['labels']}\n".encode())
+    return h.hexdigest()
+
+
+def run(fmt: str, root: str | Path, out: str | Path, cfg: IngestConfig | None = None) -> dict:
+    """Ingest ``root`` (format ``fmt``) into ``out``; returns the summary dict."""
+    import ray
+
+    from pipelines.runtime import init_ray
+
+    cfg = cfg or IngestConfig()
+    if fmt not in FORMATS:
+        raise SourceError(f"--format: unknown format {fmt!r}; choose one of {sorted(FORMATS)}")
+    out = Path(out)
+    if (out / SUMMARY_NAME).exists():
+        raise SourceError(f"--out: {out} already holds an ingest; choose a new folder")
+    t0 = time.time()
+    records, pre_quarantined = FORMATS[fmt](root)
+    leaks = patients_in_several_splits(records)
+    if leaks:
+        raise SourceError(f"split: {len(leaks)} patients appear in more than one split; refusing a leaking split")
+    log.info("ingest: %d records listed (%d quarantined before decoding)", len(records) + len(pre_quarantined),
+             len(pre_quarantined))
+
+    init_ray()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        rows_meta = []
+        if records:
+            n_blocks = max(1, min(len(records) // 16, 200))
+            ds = ray.data.from_items(records, override_num_blocks=n_blocks)
+            ds = ds.map_batches(_process_batch, fn_kwargs={"cfg_json": cfg.model_dump_json()},
+                                batch_size=16, batch_format="numpy").materialize()
+            ok = ds.filter(lambda r: r["status"] == "ok").drop_columns(["status", "reason"])
+            if ok.count():
+                ok.repartition(max(1, -(-ok.count() // cfg.rows_per_shard))).write_parquet(
+                    str(staging / SHARDS_DIR))
+            meta_cols = ["record_id", "patient_id", "split", "view", "status", "reason", "image_sha1", "labels"]
+            rows_meta = ds.select_columns(meta_cols).to_pandas().to_dict("records")
+        summary = summarise(rows_meta, pre_quarantined, fmt, cfg, time.time() - t0)
+        (staging / SUMMARY_NAME).write_text(json.dumps(summary, indent=2))
+        if out.exists():
+            if any(out.iterdir()):
+                raise SourceError(f"--out: {out} is not empty")
+            out.rmdir()
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return summary
+
+
+def summarise(rows: list[dict], pre_quarantined: list[dict], fmt: str, cfg: IngestConfig, seconds: float) -> dict:
+    """Accounting: records in = ok + quarantined + filtered, per reason, split and label."""
+    statuses = Counter(r["status"] for r in rows)
+    quarantine = [{"record_id": q["record_id"], "reason": q["reason"]} for q in pre_quarantined]
+    quarantine += [{"record_id": r["record_id"], "reason": r["reason"]} for r in rows if r["status"] == "quarantined"]
+    filtered = [{"record_id": r["record_id"], "reason": r["reason"]} for r in rows if r["status"] == "filtered"]
+    ok = [r for r in rows if r["status"] == "ok"]
+    per_split = Counter(r["split"] for r in ok)
+    patients = {s: len({r["patient_id"] for r in ok if r["split"] == s}) for s in per_split}
+    positives = {s: Counter() for s in per_split}
+    for r in ok:
+        for name, value in zip(CHEXPERT_LABELS, r["labels"]):
+            if value == 1.0:
+                positives[r["split"]][name] += 1
+    n_records = len(rows) + len(pre_quarantined)
+    summary = {
+        "format": fmt,
+        "n_records": n_records,
+        "n_ok": statuses["ok"],
+        "n_quarantined": len(quarantine),
+        "n_filtered": len(filtered),
+        "quarantine_by_reason": dict(Counter(q["reason"] for q in quarantine)),
+        "filtered_by_reason": dict(Counter(f["reason"] for f in filtered)),
+        "splits": dict(per_split),
+        "patients_per_split": patients,
+        "patients_in_several_splits": 0,
+        "label_positives": {s: dict(c) for s, c in positives.items()},
+        "label_names": list(CHEXPERT_LABELS),
+        "image_size": cfg.image_size,
+        "config": cfg.model_dump(),
+        "digest": dataset_digest(ok),
+        "seconds": round(seconds, 1),
+        "quarantine": sorted(quarantine, key=lambda q: q["record_id"]),
+        "filtered": sorted(filtered, key=lambda f: f["record_id"]),
+    }
+    assert summary["n_records"] == summary["n_ok"] + summary["n_quarantined"] + summary["n_filtered"]
+    return summary
+
+
+def load_summary(data_dir: str | Path) -> dict:
+    """Read DATA/ingest_summary.json, with a clear error when DATA is not an ingest output."""
+    path = Path(data_dir) / SUMMARY_NAME
+    if not path.is_file():
+        raise SourceError(f"--data: {data_dir} holds no {SUMMARY_NAME}; run `medfuse ingest` first")
+    return json.loads(path.read_text())

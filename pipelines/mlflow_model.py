@@ -1,0 +1,33 @@
+"""MLflow pyfunc wrapper around a medfuse model bundle (logged as models-from-code).
+
+``predict`` takes a DataFrame with ``image`` (a size x size grid of [0,1] floats, nested
+lists or a flat list) and optional ``context`` (clinical-context text; empty or missing means
+image-only) and returns one probability column per finding label.
+"""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import pandas as pd
+
+
+class MedfusePyfunc(mlflow.pyfunc.PythonModel):
+    """Serves a medfuse diagnosis bundle."""
+
+    def load_context(self, context):
+        from medfuse_core.models.bundle import load_bundle
+
+        self.bundle = load_bundle(context.artifacts["bundle"])
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        from medfuse_core.inference import predict_probabilities
+
+        size = self.bundle.image_size
+        images = np.stack([np.asarray(img, dtype=np.float32).reshape(size, size) for img in model_input["image"]])
+        texts = list(model_input["context"]) if "context" in model_input else [""] * len(images)
+        probs = predict_probabilities(self.bundle, images, texts)
+        return pd.DataFrame(probs, columns=self.bundle.label_names)
+
+
+mlflow.models.set_model(MedfusePyfunc())

@@ -1,0 +1,79 @@
+"""Matplotlib figures for MLflow: ROC curves, per-label AUROC, calibration."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.calibration import calibration_curve  # noqa: E402
+from sklearn.metrics import roc_curve  # noqa: E402
+
+
+def _labels_with_both(labels: np.ndarray, names):
+    for j, name in enumerate(names):
+        m = ~np.isnan(labels[:, j])
+        y = labels[m, j]
+        if 0 < y.sum() < y.size:
+            yield j, name, m
+
+
+def roc_curves(probs_by_mode: dict[str, np.ndarray], labels: np.ndarray, names) -> plt.Figure:
+    """One panel per label, one ROC curve per scoring mode (image_only, image_text)."""
+    items = list(_labels_with_both(labels, names))
+    cols = 4
+    rows = max(1, -(-len(items) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.6 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.set_visible(False)
+    for ax, (j, name, m) in zip(axes.flat, items):
+        ax.set_visible(True)
+        for mode, probs in probs_by_mode.items():
+            fpr, tpr, _ = roc_curve(labels[m, j], probs[m, j])
+            from sklearn.metrics import auc
+
+            ax.plot(fpr, tpr, label=f"{mode} ({auc(fpr, tpr):.3f})")
+        ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+        ax.set_title(f"{name} (n+={int(labels[m, j].sum())})", fontsize=10)
+        ax.set_xlabel("false positive rate")
+        ax.set_ylabel("true positive rate")
+        ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle("Test ROC curves")
+    fig.tight_layout()
+    return fig
+
+
+def per_label_auroc(metrics_by_mode: dict[str, dict], names) -> plt.Figure:
+    """Grouped bars of per-label test AUROC for each scoring mode."""
+    shown = [n for n in names if any(n in m["auroc"] for m in metrics_by_mode.values())]
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(shown) + 2), 4.5))
+    width = 0.8 / max(1, len(metrics_by_mode))
+    x = np.arange(len(shown))
+    for k, (mode, m) in enumerate(metrics_by_mode.items()):
+        vals = [m["auroc"].get(n, np.nan) for n in shown]
+        ax.bar(x + k * width, vals, width, label=f"{mode} (macro {m['auroc_macro']:.3f})")
+    ax.set_xticks(x + width * (len(metrics_by_mode) - 1) / 2)
+    ax.set_xticklabels(shown, rotation=35, ha="right", fontsize=8)
+    ax.set_ylim(0.4, 1.0)
+    ax.axhline(0.5, color="k", lw=0.6, ls="--")
+    ax.set_ylabel("AUROC")
+    ax.set_title("Per-label test AUROC")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def calibration(probs: np.ndarray, labels: np.ndarray, names, title: str) -> plt.Figure:
+    """Reliability diagram per label (pooled bins) for one scoring mode."""
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    for j, name, m in _labels_with_both(labels, names):
+        frac, mean = calibration_curve(labels[m, j], probs[m, j], n_bins=8, strategy="quantile")
+        ax.plot(mean, frac, marker="o", ms=3, lw=1, label=name)
+    ax.set_xlabel("predicted probability")
+    ax.set_ylabel("observed frequency")
+    ax.set_title(title)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,66 @@
+"""Process-level set-up shared by every pipeline: Ray start-up, worker environment, logging."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+log = logging.getLogger("medfuse")
+
+# Environment every Ray worker gets: offline model loading, quiet tokenizers, CPU DeepSpeed
+# when no GPU is in use.
+_WORKER_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
+    "PYTHONWARNINGS": "ignore::DeprecationWarning,ignore::FutureWarning",
+}
+
+
+def worker_env(use_gpu: bool) -> dict[str, str]:
+    """Environment variables for Ray workers (``runtime_env['env_vars']``)."""
+    env = dict(_WORKER_ENV)
+    if not use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+    return env
+
+
+def quiet_third_party() -> None:
+    """Silence third-party warnings that echo values or paths (pydicom) and noisy loggers."""
+    for key, value in _WORKER_ENV.items():
+        os.environ.setdefault(key, value)
+    warnings.filterwarnings("ignore", module="pydicom")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    for name in ("pydicom", "urllib3", "alembic", "mlflow.store.db.utils", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def init_ray(use_gpu: bool = False, num_cpus: int | None = None) -> None:
+    """Connect to the Ray cluster named by RAY_ADDRESS, or start a local one.
+
+    Inside ``ray job submit`` the driver already has RAY_ADDRESS set and joins that cluster.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    quiet_third_party()
+    if not use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    kwargs = dict(
+        runtime_env={"env_vars": worker_env(use_gpu)},
+        log_to_driver=True,
+        logging_level=logging.WARNING,
+        configure_logging=True,
+    )
+    if not os.environ.get("RAY_ADDRESS") and num_cpus is not None:
+        kwargs["num_cpus"] = num_cpus
+    if not os.environ.get("RAY_ADDRESS"):
+        kwargs["include_dashboard"] = False
+    ray.init(**kwargs)
+    ctx = ray.data.DataContext.get_current()
+    ctx.max_errored_blocks = 0  # never drop data silently: records are quarantined one by one
+    ctx.enable_progress_bars = os.environ.get("MEDFUSE_PROGRESS", "1") != "0"

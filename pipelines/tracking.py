@@ -1,0 +1,108 @@
+"""MLflow helpers: where the store is, experiments, PHI-free params, model logging.
+
+Default store: an SQLite database under the workdir (``sqlite:///<workdir>/mlflow.db``) with
+artifacts under ``<workdir>/mlartifacts``; ``MLFLOW_TRACKING_URI`` overrides it (a shared
+``mlflow server`` on a cluster).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("medfuse")
+
+MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
+
+
+def tracking_uri(workdir: str | Path) -> str:
+    """The tracking URI in force: MLFLOW_TRACKING_URI, else an SQLite store under ``workdir``."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    db = Path(workdir).resolve() / "mlflow.db"
+    return f"sqlite:///{db}"
+
+
+def _is_local_store(uri: str) -> bool:
+    return uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri
+
+
+def setup(workdir: str | Path, experiment: str) -> str:
+    """Point MLflow at the store and experiment; return the experiment id."""
+    import mlflow
+
+    uri = tracking_uri(workdir)
+    Path(workdir).mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    exp = mlflow.get_experiment_by_name(experiment)
+    if exp is None:
+        artifact_location = None
+        if _is_local_store(uri):
+            artifact_location = (Path(workdir).resolve() / "mlartifacts").as_uri()
+        exp_id = mlflow.create_experiment(experiment, artifact_location=artifact_location)
+    else:
+        exp_id = exp.experiment_id
+    mlflow.set_experiment(experiment_id=exp_id)
+    return exp_id
+
+
+def log_params_flat(params: dict[str, Any]) -> None:
+    """Log flattened params, values stringified and cut to MLflow's length limit."""
+    import mlflow
+
+    clean = {}
+    for key, value in params.items():
+        text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+        clean[key] = text[:6000]
+    mlflow.log_params(clean)
+
+
+def log_dataset(summary: dict, data_dir: str | Path, context: str) -> None:
+    """Log the ingested dataset (name, digest and source only: no records) as a run input."""
+    import mlflow
+    from mlflow.data.filesystem_dataset_source import FileSystemDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+
+    source = FileSystemDatasetSource(uri=Path(data_dir).resolve().as_uri())
+    dataset = MetaDataset(source=source, name=summary.get("dataset_name", "medfuse-shards"),
+                          digest=summary["digest"][:36])
+    mlflow.log_input(dataset, context=context)
+
+
+def log_model(bundle_dir: str | Path, registered_model: str | None, input_example=None) -> Any:
+    """Log a model bundle as an MLflow pyfunc model (models-from-code) and register it."""
+    import mlflow
+    from medfuse_core import __version__
+
+    info = mlflow.pyfunc.log_model(
+        name="model",
+        python_model=str(MODEL_CODE),
+        artifacts={"bundle": str(bundle_dir)},
+        pip_requirements=[f"medfuse=={__version__}"],
+        input_example=input_example,
+        registered_model_name=registered_model,
+    )
+    if registered_model:
+        client = mlflow.MlflowClient()
+        versions = client.search_model_versions(f"name='{registered_model}'")
+        mine = [v for v in versions if v.run_id == info.run_id]
+        if mine:
+            latest = max(mine, key=lambda v: int(v.version))
+            client.set_registered_model_alias(registered_model, "candidate", latest.version)
+    return info
+
+
+def bundle_dir_from_model_uri(uri: str, dst: str | Path) -> Path:
+    """Download a logged medfuse pyfunc model and return the path of its bundle folder."""
+    import mlflow
+
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+    bundle = local / "artifacts" / "bundle"
+    if not bundle.is_dir():
+        raise FileNotFoundError(f"model {uri} has no medfuse bundle (artifacts/bundle)")
+    return bundle

@@ -1,0 +1,44 @@
+"""The CLI end to end on a tiny corpus: quickstart, then evaluate by run id and by registry URI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipelines.cli import main
+from tests.conftest import TINY_OVERRIDES
+
+pytestmark = pytest.mark.slow
+
+
+def test_quickstart_then_evaluate_by_run_and_registry(ray_local, tmp_path, capsys):
+    workdir = tmp_path / "qs"
+    code = main(["quickstart", "--workdir", str(workdir), "--studies", "70", "--seed", "3",
+                 *TINY_OVERRIDES, "train.epochs=1"])
+    assert code == 0
+    metrics = json.loads((workdir / "metrics.json").read_text())
+    for mode in ("image_only", "image_text"):
+        assert set(metrics[mode]) >= {"auroc", "auroc_macro", "auprc", "f1"}
+        assert metrics[mode]["auroc"], "at least one label scored"
+    out = capsys.readouterr().out
+    assert "mlflow ui --backend-store-uri" in out
+
+    facts = json.loads((workdir / "train" / "finetune.json").read_text())
+    import mlflow
+
+    mlflow.set_tracking_uri(facts["tracking_uri"])
+    by_run = tmp_path / "by_run.json"
+    assert main(["evaluate", "--model", facts["mlflow_run_id"], "--data", str(workdir / "data"),
+                 "--out", str(by_run)]) == 0
+    by_alias = tmp_path / "by_alias.json"
+    assert main(["evaluate", "--model", "models:/medfuse-cxr-diagnosis@candidate", "--data",
+                 str(workdir / "data"), "--out", str(by_alias)]) == 0
+    a = json.loads(by_run.read_text())["image_text"]["auroc_macro"]
+    b = json.loads(by_alias.read_text())["image_text"]["auroc_macro"]
+    assert a == pytest.approx(metrics["image_text"]["auroc_macro"]) and a == pytest.approx(b)
+
+    run = mlflow.MlflowClient().get_run(facts["mlflow_run_id"])
+    assert "test/image_text/auroc_macro" in run.data.metrics
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "evaluation")}
+    assert "evaluation/roc_curves.png" in artifacts
