@@ -42,11 +42,11 @@ def _empty_row(rec: dict, status: str, reason: str) -> dict:
 
 
 def _read_report(rec: dict) -> str | None:
-    if rec.get("report") is not None:
-        return rec["report"]
+    """The report text: read from ``report_path`` when set, else the inline ``report``; None if unreadable."""
     path = rec.get("report_path")
-    if not path:
-        return ""
+    if not isinstance(path, str) or not path:
+        report = rec.get("report")
+        return report if isinstance(report, str) else ""
     try:
         return Path(path).read_text(encoding="utf-8", errors="replace")
     except OSError:

@@ -96,9 +96,9 @@ def mimic_cxr_records(root: str | Path) -> tuple[list[dict], list[dict]]:
             "split": row.split,
             "image_path": str(image),
             "report_path": str(root / "files" / sub / f"s{study}.txt"),
-            "report": None,
+            "report": "",
             "labels": _labels_row(label_rows.get(study)),
-            "view_hint": views.get(dicom_id) or None,
+            "view_hint": views.get(dicom_id) or "",
         })
     for dicom_id in sorted(set(on_disk) - listed):
         quarantined.append({"record_id": dicom_id, "reason": "not_in_split_index"})
@@ -152,10 +152,10 @@ def manifest_records(path: str | Path) -> tuple[list[dict], list[dict]]:
             "patient_id": str(row["patient_id"]),
             "split": split,
             "image_path": str(image),
-            "report_path": None,
+            "report_path": "",
             "report": report if isinstance(report, str) else "",
             "labels": _labels_row(pd.Series(row)),
-            "view_hint": row.get("view") if isinstance(row.get("view"), str) else None,
+            "view_hint": row.get("view") if isinstance(row.get("view"), str) else "",
         })
     return records, quarantined
 

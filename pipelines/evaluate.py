@@ -87,9 +87,9 @@ def run(model_ref: str, data_dir: str | Path, out: str | Path) -> dict:
         meta = read_bundle_meta(bundle_dir)
         names = meta["label_names"]
         init_ray()
-        ds = ray.data.read_parquet(str(data_dir / SHARDS_DIR)).filter(lambda r: r["split"] in ("validate", "test"))
+        ds = ray.data.read_parquet(str(data_dir / SHARDS_DIR)).filter(expr="split != 'train'")
         scored = ds.map_batches(_Scorer, fn_constructor_kwargs={"bundle_dir": str(bundle_dir)}, batch_size=64,
-                                concurrency=1, batch_format="numpy").to_pandas()
+                                compute=ray.data.ActorPoolStrategy(size=1), batch_format="numpy").to_pandas()
     parts = {}
     for split in ("validate", "test"):
         sub = scored[scored["split"] == split]

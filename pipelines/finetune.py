@@ -43,13 +43,17 @@ def find_checkpoints(workdir: Path) -> list[tuple[dict, Path]]:
 
 
 def _datasets(data_dir: Path):
+    """Train (streamed, re-read each epoch) and validate (small: materialised once) datasets."""
     import ray
 
+    from pipelines.runtime import quiet_data_progress
+
+    quiet_data_progress()
     shards = str(data_dir / SHARDS_DIR)
     base = ray.data.read_parquet(shards)
     return {
-        "train": base.filter(lambda r: r["split"] == "train").random_shuffle(seed=0),
-        "validate": base.filter(lambda r: r["split"] == "validate"),
+        "train": base.filter(expr="split == 'train'").random_shuffle(seed=0),
+        "validate": base.filter(expr="split == 'validate'").materialize(),
     }
 
 

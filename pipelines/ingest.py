@@ -83,7 +83,7 @@ def run(fmt: str, root: str | Path, out: str | Path, cfg: IngestConfig | None = 
             ds = ray.data.from_items(records, override_num_blocks=n_blocks)
             ds = ds.map_batches(_process_batch, fn_kwargs={"cfg_json": cfg.model_dump_json()},
                                 batch_size=16, batch_format="numpy").materialize()
-            ok = ds.filter(lambda r: r["status"] == "ok").drop_columns(["status", "reason"])
+            ok = ds.filter(expr="status == 'ok'").drop_columns(["status", "reason"])
             if ok.count():
                 ok.repartition(max(1, -(-ok.count() // cfg.rows_per_shard))).write_parquet(
                     str(staging / SHARDS_DIR))

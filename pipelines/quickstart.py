@@ -8,7 +8,7 @@ from pathlib import Path
 
 from medfuse_core.config import FinetuneConfig, load_config
 
-DEFAULT_STUDIES = 700
+DEFAULT_STUDIES = 1000
 
 
 def run(workdir: str | Path, studies: int | None = None, seed: int = 0, overrides=(), config=None) -> dict:

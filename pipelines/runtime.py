@@ -16,6 +16,7 @@ _WORKER_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
     "PYTHONWARNINGS": "ignore::DeprecationWarning,ignore::FutureWarning",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
 }
 
 
@@ -36,6 +37,14 @@ def quiet_third_party() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     for name in ("pydicom", "urllib3", "alembic", "mlflow.store.db.utils", "transformers"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
 
 
 def init_ray(use_gpu: bool = False, num_cpus: int | None = None) -> None:
@@ -58,9 +67,15 @@ def init_ray(use_gpu: bool = False, num_cpus: int | None = None) -> None:
     )
     if not os.environ.get("RAY_ADDRESS") and num_cpus is not None:
         kwargs["num_cpus"] = num_cpus
-    if not os.environ.get("RAY_ADDRESS"):
-        kwargs["include_dashboard"] = False
     ray.init(**kwargs)
     ctx = ray.data.DataContext.get_current()
     ctx.max_errored_blocks = 0  # never drop data silently: records are quarantined one by one
     ctx.enable_progress_bars = os.environ.get("MEDFUSE_PROGRESS", "1") != "0"
+    ctx.print_on_execution_start = False
+
+
+def quiet_data_progress() -> None:
+    """Turn Ray Data progress bars off for datasets created from now on (training streams)."""
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False

@@ -65,10 +65,10 @@ def log_params_flat(params: dict[str, Any]) -> None:
 def log_dataset(summary: dict, data_dir: str | Path, context: str) -> None:
     """Log the ingested dataset (name, digest and source only: no records) as a run input."""
     import mlflow
-    from mlflow.data.filesystem_dataset_source import FileSystemDatasetSource
     from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import LocalArtifactDatasetSource
 
-    source = FileSystemDatasetSource(uri=Path(data_dir).resolve().as_uri())
+    source = LocalArtifactDatasetSource(str(Path(data_dir).resolve()))
     dataset = MetaDataset(source=source, name=summary.get("dataset_name", "medfuse-shards"),
                           digest=summary["digest"][:36])
     mlflow.log_input(dataset, context=context)

@@ -138,6 +138,9 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     from medfuse_core.models import build_model, load_tokenizer
     from medfuse_core.models.bundle import save_bundle
 
+    from pipelines.runtime import quiet_third_party
+
+    quiet_third_party()
     cfg = FinetuneConfig.model_validate_json(loop_cfg["config_json"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -162,7 +165,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            engine.load_checkpoint(d, tag=DS_TAG)
+            engine.load_checkpoint(d, tag=DS_TAG, load_module_strict=False)
             state = json.loads(open(os.path.join(d, TRAIN_STATE)).read())
 
     sink = _MlflowSink(loop_cfg.get("tracking_uri"), loop_cfg.get("mlflow_run_id"), rank == 0)
@@ -227,16 +230,21 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         for name, value in m_txt["auroc"].items():
             metrics[f"val/auroc/{name.replace(' ', '_')}"] = value
         sink.log({k: v for k, v in metrics.items() if k not in ("epoch", "global_step")}, state["global_step"])
+        if rank == 0:
+            print(f"[medfuse] epoch {epoch + 1}/{cfg.train.epochs}  step {state['global_step']}  "
+                  f"loss {metrics['train/loss_epoch']:.4f}  val AUROC {score:.3f} "
+                  f"(image-only {m_img['auroc_macro']:.3f})  {metrics['perf/epoch_samples_per_sec']:.1f} samples/s",
+                  flush=True)
         state["epoch"] = epoch
         state["best_score"] = max(state["best_score"], score)
         state["score"] = score
 
         weights = consolidated_state_dict(engine, cfg.deepspeed.zero_stage)
         with tempfile.TemporaryDirectory() as tmp:
-            engine.save_checkpoint(tmp, tag=DS_TAG)
+            engine.save_checkpoint(tmp, tag=DS_TAG, exclude_frozen_parameters=True)
             if rank == 0:
                 save_bundle(engine.module, cfg.model, labels, cfg.data.image_size, os.path.join(tmp, BUNDLE_DIR),
-                            state_dict=weights,
+                            state_dict=weights, tokenizer=tokenizer,
                             extra={"val_auroc_macro": score, "epoch": epoch, "experiment": cfg.name})
                 with open(os.path.join(tmp, TRAIN_STATE), "w") as fh:
                     json.dump(state, fh)

@@ -65,13 +65,15 @@ def save_bundle(
     out_dir: str | Path,
     extra: Optional[dict[str, Any]] = None,
     tokenizer: Any = None,
+    state_dict: Optional[dict] = None,
 ) -> Path:
     """Write a bundle to ``out_dir`` (created if needed) and return its path.
 
     ``tokenizer`` defaults to ``load_tokenizer(cfg.text.name_or_path)``; ``extra`` must be
-    JSON-serialisable (numpy values are converted with ``tolist``).
+    JSON-serialisable (numpy values are converted with ``tolist``). ``state_dict`` replaces the
+    model's own weights, e.g. the consolidated weights of a ZeRO-3 sharded model.
     """
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file, save_model
 
     model = _unwrap(model)
     label_names = [str(name) for name in label_names]
@@ -94,9 +96,22 @@ def save_bundle(
     }
     # serialise first so a bad ``extra`` fails before anything half-written is left behind
     text = json.dumps(meta, indent=2, default=_json_default)
-    save_model(model, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    if state_dict is None:
+        save_model(model, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    else:
+        weights = {k: v.detach().float().contiguous().clone() if v.is_floating_point() else v.detach().contiguous().clone()
+                   for k, v in state_dict.items()}
+        save_file(weights, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
     (out / META_FILE).write_text(text + "\n")
     return out
+
+
+def read_bundle_meta(bundle_dir: str | Path) -> dict:
+    """The bundle's ``medfuse_model.json`` (label names, image size, config, extra) without loading weights."""
+    meta_path = Path(bundle_dir) / META_FILE
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{Path(bundle_dir).name}: not a medfuse bundle ({META_FILE} missing)")
+    return json.loads(meta_path.read_text())
 
 
 def load_bundle(bundle_dir: str | Path, device: str = "cpu") -> LoadedBundle:
