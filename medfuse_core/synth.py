@@ -301,8 +301,8 @@ _INDICATIONS = {
                "weight loss, smoker", "lung cancer, restaging"),
     "postop": ("post-op, hypoxia", "s/p abdominal surgery, low O2 sat", "decreased breath sounds at base"),
     "aorta": ("chest pain radiating to back", "hypertension, chest pain, eval mediastinum"),
-    "generic": ("preop", "routine", "pre-operative evaluation", "eval for acute process",
-                "history of hypertension", "follow up", "chest pain", "weakness"),
+    "generic": ("preop evaluation", "routine screening", "pre-operative evaluation", "malaise",
+                "history of hypertension", "diabetes, preop", "chest pain", "weakness"),
 }
 _RELATED = {"effusion": "dyspnea", "edema": "dyspnea", "cardiomegaly": "dyspnea", "devices": "devices",
             "consolidation": "infection", "pneumothorax": "trauma", "lesion": "nodule",
@@ -411,7 +411,8 @@ def _finding_sentences(rng, state, spec, neg, pneumonia, fracture_neg, lungs_cle
                          f"Focal consolidation in the {lobe} with air bronchograms."))
             imp.append(f"{lobe[0].upper()}{lobe[1:]} consolidation.")
         else:
-            fnd.append(c(f"Possible consolidation in the {lobe}.", f"Early consolidation in the {lobe} is not excluded."))
+            fnd.append(c(f"Possible consolidation in the {lobe}.",
+                         f"Early consolidation in the {lobe} is not excluded."))
     elif neg["consolidation"]:
         fnd.append(c("No focal consolidation.", "There is no consolidation."))
 
@@ -466,7 +467,8 @@ def _finding_sentences(rng, state, spec, neg, pneumonia, fracture_neg, lungs_cle
                 size = _size_word(max(e[1] for e in spec["effusion"]))
                 plural = "s" if side == "bilateral" else ""
                 fnd.append(c(f"{size.capitalize()} {side} pleural effusion{plural}.",
-                             f"There is a {size} {side} pleural effusion{plural} with blunting of the costophrenic angle.",
+                             f"There is a {size} {side} pleural effusion{plural} "
+                             "with blunting of the costophrenic angle.",
                              f"Layering {side} pleural fluid consistent with {size} effusion{plural}."))
                 imp.append(f"{size.capitalize()} {side} pleural effusion{plural}.")
             else:
@@ -905,7 +907,8 @@ def _plan_corpus(n_studies: int, seed: int) -> list[_StudyPlan]:
             day += int(rng.integers(1, 400)) if j else 0
             date = np.datetime64("2150-01-01") + np.timedelta64(day, "D")
             study_date = str(date).replace("-", "")
-            study_time = f"{int(rng.integers(0, 24)):02d}{int(rng.integers(0, 60)):02d}{int(rng.integers(0, 60)):02d}.{int(rng.integers(0, 1000)):03d}"
+            hh, mm, ss, ms = (int(rng.integers(0, lim)) for lim in (24, 60, 60, 1000))
+            study_time = f"{hh:02d}{mm:02d}{ss:02d}.{ms:03d}"
             state = _sample_state(rng)
             spec = _sample_spec(rng, state)
             portable = state["devices"] == 1 or rng.random() < 0.25
@@ -919,7 +922,8 @@ def _plan_corpus(n_studies: int, seed: int) -> list[_StudyPlan]:
                     "PA and lateral views of the chest provided.", "Frontal and lateral radiographs of the chest."))
             else:
                 procedure, view_text = "CHEST (PA)", "Single PA view of the chest."
-            comparison = "None." if j == 0 and rng.random() < 0.7 else _pick(rng, ("___.", "Chest radiograph ___.", "Prior study from ___."))
+            comparison = ("None." if j == 0 and rng.random() < 0.7
+                          else _pick(rng, ("___.", "Chest radiograph ___.", "Prior study from ___.")))
             indication, groups = _indication(rng, state, sex)
             labels, report = _plan_report(rng, state, spec, view_text, comparison, indication, groups)
             study = _StudyPlan(
@@ -937,7 +941,8 @@ def _plan_corpus(n_studies: int, seed: int) -> list[_StudyPlan]:
                 study.images.append(_ImagePlan(
                     dicom_id=ids.dicom_id(), view=v, rows=rows, cols=cols,
                     monochrome1=rng.random() < 0.3,
-                    rescale=_pick(rng, ((2.0, -1024.0), (0.5, 0.0), (1.0, -1024.0), (4.0, 100.0))) if rng.random() < 0.3 else None,
+                    rescale=(_pick(rng, ((2.0, -1024.0), (0.5, 0.0), (1.0, -1024.0), (4.0, 100.0)))
+                             if rng.random() < 0.3 else None),
                     rle=rng.random() < 0.3, window=rng.random() < 0.4,
                     series_uid=ids.uid(), sop_uid=ids.uid(), seed=(seed, 3, image_index), instance=inst,
                 ))
@@ -981,6 +986,8 @@ def generate_corpus(out_dir, n_studies: int = 200, seed: int = 0, progress: Prog
     """
     if n_studies < 1:
         raise ValueError("n_studies must be >= 1")
+    if int(seed) < 0:
+        raise ValueError("seed must be a non-negative integer")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     studies = _plan_corpus(int(n_studies), int(seed))

@@ -48,8 +48,11 @@ def _broken_copy(src: Path, dst: Path) -> dict:
     truncated, nopixels, missing, unindexed = frontal[:4]
     data = paths[truncated].read_bytes()
     paths[truncated].write_bytes(data[: len(data) // 2])
-    ds = pydicom.dcmread(paths[nopixels])
-    del ds.PixelData
+    ds = pydicom.dcmread(paths[nopixels])  # turn it into an object without an image (like an SR)
+    for keyword in ("PixelData", "Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
+                    "SamplesPerPixel", "PhotometricInterpretation"):
+        if keyword in ds:
+            delattr(ds, keyword)
     ds.save_as(paths[nopixels])
     paths[missing].unlink()
     split[split["dicom_id"] != unindexed].to_csv(dst / "mimic-cxr-2.0.0-split.csv", index=False)
