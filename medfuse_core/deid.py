@@ -476,10 +476,13 @@ def _standard_uid(value, transfer_syntax: bool = False) -> str | None:
     """A UID kept only when it is a registered (standard) UID of the expected type."""
     if value is None:
         return None
-    uid = UID(str(value).strip())
-    if not uid.is_valid or not uid.keyword:  # not in pydicom's UID registry: could be an instance UID
-        return None
-    if transfer_syntax != (uid.type == "Transfer Syntax"):
+    try:
+        uid = UID(str(value).strip())
+        if not uid.is_valid or not uid.keyword:  # not in pydicom's UID registry: could be an instance UID
+            return None
+        if transfer_syntax != (uid.type == "Transfer Syntax"):
+            return None
+    except Exception:  # noqa: BLE001 - odd values are dropped, never echoed
         return None
     return str(uid)
 
@@ -538,7 +541,8 @@ def deidentify_header(ds: Dataset, pseudonymizer: Pseudonymizer, *,
                                                  transfer_syntax=True)
         out["SOPClassUID"] = _standard_uid(_text(ds, "SOPClassUID"))
         manufacturer = _text(ds, "Manufacturer")
-        out["Manufacturer"] = manufacturer if manufacturer and len(manufacturer) <= 64 and manufacturer.isprintable() else None
+        ok = manufacturer is not None and len(manufacturer) <= 64 and manufacturer.isprintable()
+        out["Manufacturer"] = manufacturer if ok else None
 
         patient = patient_id if patient_id not in (None, "") else _text(ds, "PatientID")
         study = study_id if study_id not in (None, "") else _text(ds, "StudyID")
@@ -674,7 +678,8 @@ parkinson alzheimer crohn addison cushing graves wegener kaposi pancoast chilaid
 turner harrington foley hickman groshong greenfield nissen whipple holter
 """.split())
 
-_TITLE = r"(?i:dr|doctor|nurse|mrs|mr|ms|miss|mx|prof|professor)"
+# Titles; all-caps "MR"/"MS" without a dot are magnetic resonance / multiple sclerosis, not titles.
+_TITLE = r"(?:(?i:dr|doctor|nurse|prof|professor)|(?i:mrs|mr|ms|mx)(?=\.)|Mrs|Mr|Ms|Mx|Miss|MISS)"
 _UPPER = "A-ZÀ-ÖØ-Þ"  # Latin-1 capitals
 _NAME_WORD = rf"[{_UPPER}][A-Za-zÀ-ÖØ-öø-ÿ'’-]*"
 _TITLED = re.compile(
@@ -682,7 +687,9 @@ _TITLED = re.compile(
     rf"(?P<v>(?:[{_UPPER}]\.[ \t]*)?{_NAME_WORD}(?:[ \t]+{_NAME_WORD})?)"
     r"(?![\w\]])"
 )
-_EMAIL = re.compile(r"(?<![\w.+-])(?P<v>[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,})(?![\w-])")
+_EMAIL = re.compile(
+    r"(?<![\w.+-])(?P<v>[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,})(?![\w-])"
+)
 
 # --- identifiers
 _ID_KEYWORDS = (
@@ -773,10 +780,15 @@ class _Ctx:
     deferred: list[str]
 
     def finish(self, text: str) -> str:
+        """Put the held-back pseudonyms into their placeholders."""
         if not self.deferred:
             return text
-        return _DEFERRED.sub(lambda m: f"[ID:{self.deferred[ord(m.group(1)) - _DEFERRED_BASE]}]"
-                             if ord(m.group(1)) - _DEFERRED_BASE < len(self.deferred) else PLACEHOLDERS["id"], text)
+
+        def restore(m: re.Match) -> str:
+            i = ord(m.group(1)) - _DEFERRED_BASE
+            return f"[ID:{self.deferred[i]}]" if i < len(self.deferred) else PLACEHOLDERS["id"]
+
+        return _DEFERRED.sub(restore, text)
 
 
 def _sub(pattern: re.Pattern, text: str, repl) -> tuple[str, int]:
@@ -971,14 +983,14 @@ def _scrub_titled(text: str) -> tuple[str, int]:
     parts: list[str] = []
     last = 0
     for m in _TITLED.finditer(text):
-        v_start, v_end = m.span("v")
+        v_start = m.start("v")
         words = list(re.finditer(r"\S+", m.group("v")))
-        names = [w for w in words]
-        if names and names[0].group().rstrip(".").lower() in NAME_STOP_WORDS and len(names[0].group().rstrip(".")) > 1:
+        head = words[0].group().rstrip(".")
+        if len(head) > 1 and head.lower() in NAME_STOP_WORDS:  # "Doctor Who", "DR. THE ..."
             continue
-        if len(names) > 1 and names[-1].group().lower() in NAME_STOP_WORDS:
-            names = names[:-1]
-        end = v_start + names[-1].end()
+        if len(words) > 1 and words[-1].group().lower() in NAME_STOP_WORDS:
+            words = words[:-1]
+        end = v_start + words[-1].end()
         parts.append(text[last:v_start])
         parts.append(PLACEHOLDERS["titled_name"])
         last = end
@@ -1092,11 +1104,17 @@ class DeidResult:
 
 
 def deidentify(ds: Dataset, report: str, pseudonymizer: Pseudonymizer, *,
-               patient_id: str | None = None, study_id: str | None = None) -> DeidResult:
+               patient_id: str | None = None, study_id: str | None = None,
+               keyed_id_placeholders: bool = False) -> DeidResult:
     """De-identify one study: header allow-list + pseudonyms, report scrubbed with the header's
-    own names and identifiers (plus ``patient_id``/``study_id``), burned-in flag."""
+    own names and identifiers (plus ``patient_id``/``study_id``), burned-in flag.
+
+    ``keyed_id_placeholders=True`` writes ``"[ID:<pseudonym>]"`` instead of ``"[ID]"`` in the
+    report (for pairing QA; off by default because the tokens are noise for a text model).
+    """
     header = deidentify_header(ds, pseudonymizer, patient_id=patient_id, study_id=study_id)
     ids = identifiers_from_header(ds)
     ids += [(kind, str(v)) for kind, v in (("patient", patient_id), ("study", study_id)) if v not in (None, "")]
-    text, audit = scrub_report(report or "", names_from_header(ds), pseudonymizer=pseudonymizer, identifiers=ids)
+    text, audit = scrub_report(report or "", names_from_header(ds), identifiers=ids,
+                               pseudonymizer=pseudonymizer if keyed_id_placeholders else None)
     return DeidResult(header=header, report=text, audit=audit, burned_in_annotation=has_burned_in_annotation(ds))

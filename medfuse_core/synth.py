@@ -38,7 +38,9 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import textwrap
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -975,11 +977,15 @@ def _write_csv(path: Path, header, rows) -> None:
         w.writerows(rows)
 
 
-def generate_corpus(out_dir, n_studies: int = 200, seed: int = 0, progress: Progress = None) -> dict:
+def generate_corpus(
+    out_dir, n_studies: int = 200, seed: int = 0, progress: Progress = None, workers: int | None = None
+) -> dict:
     """Write a synthetic MIMIC-CXR-layout corpus of ``n_studies`` studies to ``out_dir``.
 
     Existing files with the same names are overwritten (use an empty directory).
-    ``progress(n_done, n_total)`` is called after each study. Returns a summary:
+    ``progress(n_done, n_total)`` is called after each study, from the calling thread.
+    ``workers`` rendering threads (default: up to 2); the output does not depend on it.
+    Returns a summary:
     ``n_studies``, ``n_images``, ``n_patients``, ``n_lateral``, ``splits`` (studies per
     split), ``positives`` (label -> count of 1.0), ``encodings`` (images per variant),
     ``bytes`` (total size written).
@@ -993,24 +999,37 @@ def generate_corpus(out_dir, n_studies: int = 200, seed: int = 0, progress: Prog
     studies = _plan_corpus(int(n_studies), int(seed))
     total_bytes = 0
     enc = {"MONOCHROME1": 0, "RLE": 0, "rescale": 0, "window": 0}
-    for i, st in enumerate(studies):
-        sub = f"p{st.subject_id:08d}"
-        pdir = out / "files" / sub[:3] / sub
-        sdir = pdir / f"s{st.study_id}"
-        sdir.mkdir(parents=True, exist_ok=True)
-        report = st.report.encode()
-        (pdir / f"s{st.study_id}.txt").write_bytes(report)
-        total_bytes += len(report)
-        for img in st.images:
-            data = _dicom_bytes(st, img, _render(img, st.spec))
-            (sdir / f"{img.dicom_id}.dcm").write_bytes(data)
-            total_bytes += len(data)
-            enc["MONOCHROME1"] += img.monochrome1
-            enc["RLE"] += img.rle
-            enc["rescale"] += img.rescale is not None
-            enc["window"] += img.window
-        if progress is not None:
-            progress(i + 1, len(studies))
+
+    def build(st: _StudyPlan) -> list[bytes]:
+        return [_dicom_bytes(st, img, _render(img, st.spec)) for img in st.images]
+
+    # Every image has its own seeded RNG, so rendering in threads (numpy releases the GIL)
+    # is as deterministic as rendering in order; files are written in study order.
+    n_workers = max(1, int(workers if workers is not None else min(2, os.cpu_count() or 1)))
+    with ThreadPoolExecutor(max_workers=n_workers) as pool:
+        window = 4 * n_workers
+        pending = [pool.submit(build, st) for st in studies[:window]]
+        for i, st in enumerate(studies):
+            blobs = pending[i].result()
+            pending[i] = None  # release the bytes once written
+            if i + window < len(studies):
+                pending.append(pool.submit(build, studies[i + window]))
+            sub = f"p{st.subject_id:08d}"
+            pdir = out / "files" / sub[:3] / sub
+            sdir = pdir / f"s{st.study_id}"
+            sdir.mkdir(parents=True, exist_ok=True)
+            report = st.report.encode()
+            (pdir / f"s{st.study_id}.txt").write_bytes(report)
+            total_bytes += len(report)
+            for img, data in zip(st.images, blobs):
+                (sdir / f"{img.dicom_id}.dcm").write_bytes(data)
+                total_bytes += len(data)
+                enc["MONOCHROME1"] += img.monochrome1
+                enc["RLE"] += img.rle
+                enc["rescale"] += img.rescale is not None
+                enc["window"] += img.window
+            if progress is not None:
+                progress(i + 1, len(studies))
 
     order = sorted(studies, key=lambda s: (s.subject_id, s.study_id))
     _write_csv(out / CHEXPERT_CSV, ("subject_id", "study_id", *CHEXPERT_LABELS),

@@ -103,17 +103,15 @@ def run(cfg: FinetuneConfig, data_dir: str | Path, workdir: str | Path) -> dict:
         if latest and latest[0]["epoch"] + 1 >= cfg.train.epochs:
             log.info("finetune: the latest checkpoint already completed %d epochs; nothing to train", cfg.train.epochs)
         else:
-            from ray.train import Checkpoint
-
             init_ray(use_gpu=cfg.scaling.use_gpu)
             if latest:
-                resume = Checkpoint.from_directory(str(latest[1]))
+                resume = str(latest[1])
                 log.info("finetune: resuming from epoch %d (step %d)", latest[0]["epoch"], latest[0]["global_step"])
                 mlflow.set_tag("medfuse.resumed_from_step", latest[0]["global_step"])
             trainer = TorchTrainer(
                 train_loop_per_worker,
                 train_loop_config={"config_json": cfg.model_dump_json(), "n_train": n_train, "n_validate": n_val,
-                                   "tracking_uri": uri, "mlflow_run_id": run_id},
+                                   "tracking_uri": uri, "mlflow_run_id": run_id, "resume_from": resume},
                 scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                              resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
                 torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
@@ -125,7 +123,6 @@ def run(cfg: FinetuneConfig, data_dir: str | Path, workdir: str | Path) -> dict:
                 ),
                 datasets=_datasets(data_dir),
                 dataset_config=DataConfig(datasets_to_split=["train"]),
-                resume_from_checkpoint=resume,
             )
             trainer.fit()
 

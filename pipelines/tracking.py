@@ -102,7 +102,7 @@ def bundle_dir_from_model_uri(uri: str, dst: str | Path) -> Path:
     import mlflow
 
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
-    bundle = local / "artifacts" / "bundle"
-    if not bundle.is_dir():
-        raise FileNotFoundError(f"model {uri} has no medfuse bundle (artifacts/bundle)")
-    return bundle
+    found = sorted(local.glob("artifacts/*/medfuse_model.json"))
+    if not found:
+        raise FileNotFoundError(f"model {uri} holds no medfuse bundle")
+    return found[0].parent

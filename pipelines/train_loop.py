@@ -162,7 +162,10 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         config=deepspeed_config(cfg, cfg.scaling.use_gpu))
 
     state = {"epoch": -1, "global_step": 0, "best_score": -1.0}
+    # Ray's own restore (worker restart) wins; else the driver's pick from an earlier run in this workdir
     checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and loop_cfg.get("resume_from"):
+        checkpoint = ray.train.Checkpoint.from_directory(loop_cfg["resume_from"])
     if checkpoint:
         with checkpoint.as_directory() as d:
             engine.load_checkpoint(d, tag=DS_TAG, load_module_strict=False)
