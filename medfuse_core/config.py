@@ -121,13 +121,25 @@ class TrackingConfig(_Section):
     registered_model: Optional[str] = "medfuse-cxr-diagnosis"
 
 
+class DeidConfig(_Section):
+    """Where the de-identification secret comes from (never written to any output)."""
+
+    key_env: str = "MEDFUSE_DEID_KEY"  # environment variable holding the hex/base64 key
+    key_file: Optional[str] = None  # or a key file kept outside all outputs (`medfuse keygen`)
+
+
 class IngestConfig(_Section):
     """How raw images become training-ready shards."""
 
     image_size: int = Field(128, ge=16, le=2048)
     views: list[str] = Field(default_factory=lambda: ["PA", "AP"])  # empty: keep every view
     apply_voi: bool = False  # apply the file's VOI window before normalising
+    frames: Literal["first", "middle", "all"] = "first"  # which frames of a multi-frame object become images
+    quarantine_burned_in: bool = True  # BurnedInAnnotation=YES images may show names in the pixels
+    max_quarantine_rate: float = Field(0.25, ge=0.0, le=1.0)  # per modality / transfer syntax, else stop
+    min_group_for_rate: int = Field(20, ge=1)  # groups smaller than this are not rate-checked
     rows_per_shard: int = Field(512, ge=1)
+    deid: DeidConfig = DeidConfig()
 
 
 class FinetuneConfig(_Section):

@@ -28,9 +28,25 @@ logs. pydicom's warnings and log records (which echo values and paths) are suppr
 while these functions run.
 
 Truncation: pydicom reads a file that ends early without complaint, so :func:`read_dataset`
-watches for short reads while parsing; an image header (Rows/Columns) without pixel data,
-an empty dataset, or native pixel data shorter than the header declares also count as
-``truncated``.
+watches for short reads while parsing; an empty dataset, native pixel data shorter than the
+header declares, encapsulated pixel data with fewer fragments than frames, or an image
+header (Rows/Columns) without pixel data in an object whose SOP class is not a known
+non-image class also count as ``truncated``.
+
+Non-image objects: a dataset without pixel data is ``no_pixel_data`` when it has no image
+header (structured reports, RT plans, waveforms, DICOMDIRs, ...) or when its SOP class is a
+known non-image storage class (:func:`is_image_sop_class` is False).
+
+Limits (checked before anything is allocated, failing with ``too_large``): the file size
+(``max_file_bytes``, also bounding the inflated size of a deflated dataset) and the declared
+pixel geometry, rows x columns x samples x bytes per sample x frames (``max_decoded_bytes``),
+plus :data:`MAX_PIXELS_PER_FRAME` and :data:`MAX_FRAMES`. A compressed frame whose codestream
+header (JPEG SOF / JPEG-LS / JPEG 2000 SIZ) declares more samples than the DICOM header is
+refused (``decode_failed``) before the codec allocates for it.
+
+Multi-frame: :func:`frame_indices` picks the frames that become training images
+(:data:`FRAME_POLICIES`); for enhanced objects the rescale comes from the frame's
+Per-Frame (else the Shared) Functional Groups Pixel Value Transformation.
 """
 
 from __future__ import annotations
@@ -38,8 +54,10 @@ from __future__ import annotations
 import io
 import logging
 import os
+import struct
 import threading
 import warnings
+import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import BinaryIO, Iterator, Union
@@ -49,16 +67,33 @@ import pydicom
 import torch
 import torch.nn.functional as F
 from pydicom.dataset import Dataset
+from pydicom.encaps import get_frame
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder
 from pydicom.pixels.utils import get_expected_length
-from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000TransferSyntaxes,
+    JPEGLSTransferSyntaxes,
+    JPEGTransferSyntaxes,
+)
 
 __all__ = [
+    "DEFAULT_MAX_DECODED_BYTES",
+    "DEFAULT_MAX_FILE_BYTES",
+    "FRAME_POLICIES",
+    "MAX_FRAMES",
+    "MAX_PIXELS_PER_FRAME",
     "REASON_CODES",
     "DecodedImage",
     "DicomDecodeError",
     "decode_dicom",
+    "frame_indices",
+    "is_image_sop_class",
     "modality_pixels",
     "read_dataset",
 ]
@@ -72,10 +107,18 @@ REASON_CODES: dict[str, str] = {
     "bad_shape": "empty, impossible or unsupported image dimensions",
     "bad_frame": "the requested frame index is outside the image's frames",
     "io_error": "the file could not be opened or read (missing, permissions, I/O)",
+    "too_large": "the file or its declared image size exceeds the configured limit",
 }
 
-# A frame larger than this is treated as a corrupt header, not decoded (about 134 Mpixel).
+# Declared pixel bytes (all frames, as decoded) above which an object is refused unread.
+DEFAULT_MAX_DECODED_BYTES = 512 << 20
+# File size (and inflated size of a deflated dataset) above which a file is refused.
+DEFAULT_MAX_FILE_BYTES = 1 << 30
+# Hard caps whatever the byte limits say: pixels per frame (about 134 Mpixel) and frames.
 MAX_PIXELS_PER_FRAME = 1 << 27
+MAX_FRAMES = 1 << 16
+# Frame selection policies understood by :func:`frame_indices`.
+FRAME_POLICIES: tuple[str, ...] = ("first", "middle", "all")
 # pydicom's chunk size when scanning for an undefined-length delimiter; a short read of
 # exactly this size is its normal end-of-file probe (it reports a missing delimiter itself).
 _PYDICOM_SCAN_CHUNK = 8192
@@ -113,6 +156,7 @@ class DecodedImage:
     photometric: str | None
     transfer_syntax: str | None  # UID string
     n_frames: int
+    frame: int = 0  # index of the decoded frame
 
 
 # --------------------------------------------------------------------------- quieting
@@ -145,8 +189,20 @@ def _quiet() -> Iterator[None]:
         _quiet_state.depth -= 1
 
 
+# Never converted into a DicomDecodeError. Everything else is, including BaseException
+# subclasses raised by native plugins (pylibjpeg-rle turns Rust panics into pyo3's
+# PanicException, which ``except Exception`` does not catch).
+_FATAL = (KeyboardInterrupt, SystemExit, GeneratorExit)
+
+
 def _fail(reason: str, exc: BaseException | None = None) -> DicomDecodeError:
     return DicomDecodeError(reason, type(exc).__name__ if exc is not None else None)
+
+
+def _positive_limit(value: int, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer")
+    return int(value)
 
 
 # --------------------------------------------------------------------------- reading
@@ -164,25 +220,72 @@ class _TrackingReader(io.BytesIO):
         return data
 
 
-def _load_bytes(source: Source) -> bytes:
+def _load_bytes(source: Source, limit: int) -> bytes:
+    """The whole source, refusing ("too_large") more than ``limit`` bytes before reading them."""
     if isinstance(source, (bytes, bytearray, memoryview)):
+        if len(source) > limit:
+            raise _fail("too_large")
         return bytes(source)
     if hasattr(source, "read"):
-        data = source.read()  # type: ignore[union-attr]
+        data = source.read(limit + 1)  # type: ignore[union-attr]
         if not isinstance(data, (bytes, bytearray)):
             raise TypeError("file-like source must be opened in binary mode")
-        return bytes(data)
-    with open(os.fspath(source), "rb") as fh:  # type: ignore[arg-type]
-        return fh.read()
+    else:
+        with open(os.fspath(source), "rb") as fh:  # type: ignore[arg-type]
+            if os.fstat(fh.fileno()).st_size > limit:
+                raise _fail("too_large")
+            data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise _fail("too_large")
+    return bytes(data)
 
 
 def _looks_like_raw_dataset(raw: bytes) -> bool:
-    """A preamble-less file that starts with a plausible little-endian group 0002/0008 tag."""
+    """A preamble-less file that starts with a plausible group 0002/0008 tag (either endian)."""
     if len(raw) < 8:
         return False
-    group = int.from_bytes(raw[0:2], "little")
-    elem = int.from_bytes(raw[2:4], "little")
-    return group in (0x0002, 0x0008) and elem < 0x1000
+    for order in ("little", "big"):
+        group = int.from_bytes(raw[0:2], order)  # type: ignore[arg-type]
+        elem = int.from_bytes(raw[2:4], order)  # type: ignore[arg-type]
+        if group in (0x0002, 0x0008) and elem < 0x1000:
+            return True
+    return False
+
+
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+
+
+def _file_meta_end(raw: bytes) -> tuple[int, bytes]:
+    """(offset after the explicit-VR-LE file meta group, its raw TransferSyntaxUID value)."""
+    pos = 132 if raw[128:132] == b"DICM" else 0
+    tsyntax = b""
+    while pos + 8 <= len(raw):
+        group, elem = struct.unpack_from("<HH", raw, pos)
+        if group != 0x0002:
+            break
+        if raw[pos + 4 : pos + 6] in _LONG_VRS:
+            if pos + 12 > len(raw):
+                break
+            header, length = 12, struct.unpack_from("<I", raw, pos + 8)[0]
+        else:
+            header, length = 8, struct.unpack_from("<H", raw, pos + 6)[0]
+        if elem == 0x0010:
+            tsyntax = raw[pos + header : pos + header + length]
+        pos += header + length
+    return pos, tsyntax
+
+
+def _check_inflated_size(raw: bytes, limit: int) -> None:
+    """pydicom inflates a deflated dataset in one go: refuse one that would exceed ``limit``."""
+    end, tsyntax = _file_meta_end(raw)
+    if tsyntax.rstrip(b"\x00 ").decode("ascii", "replace") != DeflatedExplicitVRLittleEndian:
+        return
+    try:
+        inflated = zlib.decompressobj(-zlib.MAX_WBITS).decompress(raw[end:], limit + 1)
+    except zlib.error:
+        return  # corrupt stream: pydicom fails on it and the failure is classified there
+    if len(inflated) > limit:
+        raise _fail("too_large")
 
 
 def _parse(raw: bytes, force: bool) -> tuple[Dataset, bool, bool]:
@@ -195,21 +298,31 @@ def _parse(raw: bytes, force: bool) -> tuple[Dataset, bool, bool]:
     return ds, reader.short_read, eof_warning
 
 
-def read_dataset(source: Source) -> Dataset:
+def read_dataset(source: Source, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> Dataset:
     """Parse a DICOM file (path, bytes or binary file object) into a pydicom Dataset.
 
     The whole file is read (no deferred values). Raises :class:`DicomDecodeError` with
-    reason "unreadable", "truncated" or "io_error".
+    reason "unreadable", "truncated", "io_error" or "too_large" (file, or inflated deflate
+    dataset, larger than ``max_file_bytes``).
     """
+    limit = _positive_limit(max_file_bytes, "max_file_bytes")
     with _quiet():
         try:
-            raw = _load_bytes(source)
+            raw = _load_bytes(source, limit)
+        except DicomDecodeError:
+            raise
         except OSError as exc:
             raise _fail("io_error", exc) from None
         except Exception as exc:  # noqa: BLE001 - e.g. a text-mode file object
             raise _fail("unreadable", exc) from None
         if not raw:
             raise _fail("unreadable")
+        try:
+            _check_inflated_size(raw, limit)
+        except DicomDecodeError:
+            raise
+        except Exception:  # noqa: BLE001 - a malformed meta group: leave it to pydicom
+            pass
         try:
             try:
                 ds, short, eof = _parse(raw, force=False)
@@ -221,7 +334,9 @@ def read_dataset(source: Source) -> Dataset:
             raise _fail("unreadable", exc) from None
         except (EOFError, OSError) as exc:
             raise _fail("truncated", exc) from None
-        except Exception as exc:  # noqa: BLE001 - pydicom raises many types on garbage
+        except _FATAL:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - pydicom raises many types on garbage
             raise _fail("unreadable", exc) from None
         if short or eof:
             raise _fail("truncated")
@@ -263,7 +378,64 @@ def _header_str(ds: Dataset, keyword: str) -> str | None:
     return text or None
 
 
+# Storage SOP classes that carry pixel data although "Image Storage" is not in their name.
+_IMAGE_SOP_CLASSES_WITHOUT_IMAGE_IN_NAME = frozenset({
+    "1.2.840.10008.5.1.4.1.1.481.2",  # RT Dose
+    "1.2.840.10008.5.1.4.1.1.30",  # Parametric Map
+    "1.2.840.10008.5.1.4.1.1.66.4",  # Segmentation
+    "1.2.840.10008.5.1.4.1.1.66.7",  # Label Map Segmentation
+    "1.2.840.10008.5.1.4.1.1.66.8",  # Height Map Segmentation
+    "1.2.840.10008.5.1.4.1.1.6.2",  # Enhanced US Volume
+    "1.2.840.10008.5.1.4.1.1.77.1.5.8",  # Ophthalmic OCT B-scan Volume Analysis
+    "1.2.840.10008.5.1.4.1.1.81.1",  # Ophthalmic Thickness Map
+    "1.2.840.10008.5.1.4.1.1.82.1",  # Corneal Topography Map
+    "1.2.840.10008.5.1.4.1.1.501.4",  # DICOS 2D AIT
+    "1.2.840.10008.5.1.4.1.1.501.5",  # DICOS 3D AIT
+})
+
+
+def is_image_sop_class(uid: str | None) -> bool | None:
+    """True for a storage SOP class that carries pixel data, False for a known non-image one
+    (structured reports, RT plans/structures, waveforms, presentation states, encapsulated
+    documents, DICOMDIR, ...), None when the UID is unknown to pydicom's registry."""
+    if not uid:
+        return None
+    try:
+        sop = UID(str(uid).strip())
+        if sop.type != "SOP Class" or "Storage" not in sop.name:
+            return None
+        name = sop.name
+    except Exception:  # noqa: BLE001 - malformed UID value
+        return None
+    return "Image Storage" in name or str(sop) in _IMAGE_SOP_CLASSES_WITHOUT_IMAGE_IN_NAME
+
+
+def _missing_pixels_reason(ds: Dataset) -> str:
+    """Why a dataset without pixel data has no image: a non-image object, or a cut-off image."""
+    if not ("Rows" in ds or "Columns" in ds):
+        return "no_pixel_data"  # no image header at all (SR, RT plan, waveform, stripped object)
+    meta = getattr(ds, "file_meta", None)
+    sop = _header_str(ds, "SOPClassUID") or (_header_str(meta, "MediaStorageSOPClassUID") if meta else None)
+    # An image header whose pixel data never arrived is a cut-off file, unless the SOP class
+    # says the object never holds pixels.
+    return "no_pixel_data" if is_image_sop_class(sop) is False else "truncated"
+
+
+def _pixel_keyword(ds: Dataset) -> str | None:
+    """The pixel data element present with a non-empty value, if any."""
+    for keyword in _PIXEL_KEYWORDS:
+        if keyword in ds:
+            try:
+                value = ds[keyword].value
+            except Exception as exc:  # noqa: BLE001 - undecodable element
+                raise _fail("decode_failed", exc) from None
+            if value is not None and len(value) > 0:
+                return keyword
+    return None
+
+
 def _n_frames(ds: Dataset) -> int:
+    """NumberOfFrames (1 when absent); "bad_shape" if invalid, "too_large" above MAX_FRAMES."""
     try:
         value = ds.get("NumberOfFrames")
         n = int(value) if value not in (None, "") else 1
@@ -271,20 +443,31 @@ def _n_frames(ds: Dataset) -> int:
         raise _fail("bad_shape", exc) from None
     if n < 1:
         raise _fail("bad_shape")
+    if n > MAX_FRAMES:
+        raise _fail("too_large")
     return n
 
 
-def _geometry(ds: Dataset) -> tuple[int, int, int, int]:
-    """(rows, columns, samples_per_pixel, n_frames), validated."""
+def _geometry(ds: Dataset, max_decoded_bytes: int) -> tuple[int, int, int, int]:
+    """(rows, columns, samples_per_pixel, n_frames), validated against the limits.
+
+    "bad_shape" for missing or impossible values, "too_large" when rows x columns x samples
+    x bytes per sample x frames exceeds ``max_decoded_bytes`` (nothing is allocated here).
+    """
     try:
         rows = int(ds.Rows)
         cols = int(ds.Columns)
         spp = int(ds.get("SamplesPerPixel", 1) or 1)
+        bits = int(ds.BitsAllocated)
     except Exception as exc:  # noqa: BLE001 - missing or malformed dims
         raise _fail("bad_shape", exc) from None
     n_frames = _n_frames(ds)
-    if rows < 1 or cols < 1 or rows * cols > MAX_PIXELS_PER_FRAME or spp not in (1, 3):
+    if rows < 1 or cols < 1 or spp not in (1, 3) or bits not in (1, 8, 16, 32, 64):
         raise _fail("bad_shape")
+    if rows * cols > MAX_PIXELS_PER_FRAME:
+        raise _fail("too_large")
+    if rows * cols * spp * max(1, bits // 8) * n_frames > max_decoded_bytes:
+        raise _fail("too_large")
     return rows, cols, spp, n_frames
 
 
@@ -301,12 +484,126 @@ def _luminance(rgb: np.ndarray) -> np.ndarray:
     return 0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]
 
 
-def _modality_pixels(ds: Dataset, frame: int) -> np.ndarray:
-    if not any(k in ds for k in _PIXEL_KEYWORDS):
-        # An image header whose pixel data never arrived is a cut-off file, not an SR.
-        raise _fail("truncated" if ("Rows" in ds and "Columns" in ds) else "no_pixel_data")
-    rows, cols, spp, n_frames = _geometry(ds)
-    if not isinstance(frame, (int, np.integer)) or not 0 <= int(frame) < n_frames:
+# --------------------------------------------------------------------------- encapsulated
+
+
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7}
+_CODESTREAM_SCAN = 1 << 16  # header bytes searched for the size marker
+
+
+def _count_fragments(data: bytes) -> int:
+    """Fragments after the Basic Offset Table; "truncated" when an item runs past the end."""
+    pos, count, end = 0, 0, len(data)
+    first = True
+    while pos + 8 <= end:
+        tag, length = struct.unpack_from("<II", data, pos)
+        if tag == 0xE0DDFFFE:  # sequence delimiter (FFFE,E0DD)
+            break
+        if tag != 0xE000FFFE or length == 0xFFFFFFFF:  # not an item (FFFE,E000)
+            raise _fail("decode_failed")
+        pos += 8 + length
+        if pos > end:
+            raise _fail("truncated")
+        if not first:
+            count += 1
+        first = False
+    return count
+
+
+def _codestream_size(frame: bytes, tsyntax: UID) -> tuple[int, int, int] | None:
+    """(rows, columns, components) from a JPEG / JPEG-LS SOF or JPEG 2000 SIZ marker."""
+    head = bytes(frame[:_CODESTREAM_SCAN])
+    if tsyntax in JPEG2000TransferSyntaxes:
+        at = head.find(b"\xff\x4f\xff\x51")  # SOC then SIZ (also inside a JP2 wrapper)
+        if at < 0 or at + 42 > len(head):
+            return None
+        xsiz, ysiz, xo, yo = struct.unpack_from(">IIII", head, at + 8)
+        return max(0, ysiz - yo), max(0, xsiz - xo), struct.unpack_from(">H", head, at + 40)[0]
+    if head[:2] != b"\xff\xd8":
+        return None
+    pos = 2
+    while pos + 4 <= len(head):
+        if head[pos] != 0xFF:
+            return None
+        marker = head[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in _JPEG_SOF:
+            if pos + 10 > len(head):
+                return None
+            height, width, comps = struct.unpack_from(">HHB", head, pos + 5)
+            return height, width, comps
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            pos += 2
+            continue
+        length = struct.unpack_from(">H", head, pos + 2)[0]
+        if length < 2:
+            return None
+        pos += 2 + length
+    return None
+
+
+def _check_encapsulated(ds: Dataset, tsyntax: UID, frame: int, n_frames: int, rows: int, cols: int, spp: int) -> None:
+    """Fragments cover the declared frames, and the frame's codestream is no larger than declared."""
+    data = ds.PixelData
+    if _count_fragments(data) < n_frames:
+        raise _fail("truncated")
+    if tsyntax not in JPEG2000TransferSyntaxes and tsyntax not in JPEGLSTransferSyntaxes \
+            and tsyntax not in JPEGTransferSyntaxes:
+        return
+    eot = None
+    if "ExtendedOffsetTable" in ds and "ExtendedOffsetTableLengths" in ds:
+        eot = (ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths)
+    try:
+        encoded = get_frame(data, frame, number_of_frames=n_frames, extended_offsets=eot)
+    except Exception as exc:  # noqa: BLE001 - the decoder would fail the same way
+        raise _fail("decode_failed", exc) from None
+    size = _codestream_size(encoded, tsyntax)
+    if size is None:
+        return
+    c_rows, c_cols, comps = size
+    if (c_rows or rows) * c_cols * comps > rows * cols * spp:
+        raise _fail("decode_failed")  # the codec would allocate for a larger image than declared
+
+
+# --------------------------------------------------------------------------- modality LUT
+
+
+def _frame_rescale(ds: Dataset, frame: int) -> tuple[float, float] | None:
+    """(slope, intercept) from the frame's Per-Frame, else the Shared, Functional Groups."""
+    for keyword, index in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
+        groups = ds.get(keyword)
+        if not groups or index >= len(groups):
+            continue
+        transform = groups[index].get("PixelValueTransformationSequence")
+        if not transform:
+            continue
+        item = transform[0]
+        slope, intercept = item.get("RescaleSlope"), item.get("RescaleIntercept")
+        if slope in (None, "") and intercept in (None, ""):
+            continue
+        return (
+            float(slope) if slope not in (None, "") else 1.0,
+            float(intercept) if intercept not in (None, "") else 0.0,
+        )
+    return None
+
+
+def _modality_lut(arr: np.ndarray, ds: Dataset, frame: int) -> np.ndarray:
+    rescale = _frame_rescale(ds, frame)
+    if rescale is not None:
+        slope, intercept = rescale
+        return arr.astype(np.float64) * slope + intercept
+    return apply_modality_lut(arr, ds)
+
+
+def _modality_pixels(ds: Dataset, frame: int, max_decoded_bytes: int) -> np.ndarray:
+    keyword = _pixel_keyword(ds)
+    if keyword is None:
+        raise _fail(_missing_pixels_reason(ds))
+    rows, cols, spp, n_frames = _geometry(ds, max_decoded_bytes)
+    if isinstance(frame, bool) or not isinstance(frame, (int, np.integer)) or not 0 <= int(frame) < n_frames:
         raise _fail("bad_frame")
     frame = int(frame)
 
@@ -320,10 +617,14 @@ def _modality_pixels(ds: Dataset, frame: int) -> np.ndarray:
     if not decoder.is_available:
         raise _fail("unsupported_transfer_syntax")
 
-    if "PixelData" in ds and not tsyntax.is_encapsulated:
+    if tsyntax.is_encapsulated:
+        if keyword != "PixelData":
+            raise _fail("decode_failed")
+        _check_encapsulated(ds, tsyntax, frame, n_frames, rows, cols, spp)
+    else:
         try:
             expected = get_expected_length(ds, "bytes")
-            actual = len(ds.PixelData)
+            actual = len(ds[keyword].value)
         except Exception as exc:  # noqa: BLE001
             raise _fail("bad_shape", exc) from None
         if actual < expected:
@@ -333,7 +634,9 @@ def _modality_pixels(ds: Dataset, frame: int) -> np.ndarray:
         arr, _ = decoder.as_array(ds, index=frame)
     except DicomDecodeError:
         raise
-    except Exception as exc:  # noqa: BLE001 - plugin errors come in many types
+    except _FATAL:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - plugin errors come in many types, Rust panics too
         raise _fail("decode_failed", exc) from None
 
     if arr.size == 0:
@@ -348,7 +651,7 @@ def _modality_pixels(ds: Dataset, frame: int) -> np.ndarray:
             raise _fail("bad_shape")
         if photometric == "PALETTE COLOR":
             return _luminance(apply_color_lut(arr, ds))
-        out = apply_modality_lut(arr, ds)
+        out = _modality_lut(arr, ds, frame)
     except DicomDecodeError:
         raise
     except Exception as exc:  # noqa: BLE001 - malformed LUT / rescale values
@@ -356,20 +659,44 @@ def _modality_pixels(ds: Dataset, frame: int) -> np.ndarray:
     return np.asarray(out, dtype=np.float32)
 
 
-def modality_pixels(ds: Dataset, frame: int = 0) -> np.ndarray:
+def modality_pixels(ds: Dataset, frame: int = 0, *, max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES) -> np.ndarray:
     """Decode one frame and apply the modality LUT; returns a float32 2-D array.
 
     Values are in modality units (e.g. Hounsfield units for CT): stored values times
-    RescaleSlope plus RescaleIntercept. Colour images come back as luminance.
-    Raises :class:`DicomDecodeError`.
+    RescaleSlope plus RescaleIntercept, taken per frame from the functional groups of an
+    enhanced multi-frame object. Colour images come back as luminance.
+    Raises :class:`DicomDecodeError` (``too_large`` above ``max_decoded_bytes``).
     """
+    limit = _positive_limit(max_decoded_bytes, "max_decoded_bytes")
     with _quiet():
         try:
-            return _modality_pixels(ds, frame)
+            return _modality_pixels(ds, frame, limit)
         except DicomDecodeError:
             raise
-        except Exception as exc:  # noqa: BLE001 - never let a raw exception escape
+        except _FATAL:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - never let a raw exception escape
             raise _fail("decode_failed", exc) from None
+
+
+def frame_indices(ds: Dataset, policy: str = "first") -> list[int]:
+    """Indices of the frames that become training images under ``policy``.
+
+    With n = NumberOfFrames (1 when absent): "first" -> [0]; "middle" -> [n // 2];
+    "all" -> [0, ..., n - 1]. Never empty, so a non-image object still yields one decode
+    attempt (and its reason). ``ValueError`` for a policy not in :data:`FRAME_POLICIES`;
+    :class:`DicomDecodeError` "bad_shape" for an invalid NumberOfFrames, "too_large"
+    above :data:`MAX_FRAMES`.
+    """
+    if policy not in FRAME_POLICIES:
+        raise ValueError(f"unknown frame policy; expected one of {FRAME_POLICIES}")
+    with _quiet():
+        n = _n_frames(ds)
+    if policy == "first":
+        return [0]
+    if policy == "middle":
+        return [n // 2]
+    return list(range(n))
 
 
 # --------------------------------------------------------------------------- display
@@ -420,8 +747,8 @@ def _letterbox(x: np.ndarray, size: int) -> np.ndarray:
     return canvas
 
 
-def _display(ds: Dataset, size: int, apply_voi: bool, frame: int) -> DecodedImage:
-    x = _modality_pixels(ds, frame)
+def _display(ds: Dataset, size: int, apply_voi: bool, frame: int, max_decoded_bytes: int) -> DecodedImage:
+    x = _modality_pixels(ds, frame, max_decoded_bytes)
     photometric = _header_str(ds, "PhotometricInterpretation")
     grayscale = (photometric or "").upper() not in _COLOR
     if apply_voi and grayscale:
@@ -442,26 +769,39 @@ def _display(ds: Dataset, size: int, apply_voi: bool, frame: int) -> DecodedImag
         photometric=photometric,
         transfer_syntax=str(_transfer_syntax(ds)) if _transfer_syntax(ds) else None,
         n_frames=_n_frames(ds),
+        frame=int(frame),
     )
 
 
 def decode_dicom(
-    source: Source | Dataset, size: int, apply_voi: bool = False, frame: int = 0
+    source: Source | Dataset,
+    size: int,
+    apply_voi: bool = False,
+    frame: int = 0,
+    *,
+    max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
 ) -> DecodedImage:
-    """Decode a DICOM file (path, bytes, file object or Dataset) to a [size, size] image.
+    """Decode one frame of a DICOM file (path, bytes, file object or Dataset) to a [size, size] image.
 
     Runs the pipeline in the module docstring: decode, modality LUT, optional VOI window,
     MONOCHROME1 inversion, aspect-preserving resize + letterbox, robust [0, 1] scaling.
-    Raises :class:`DicomDecodeError` on any failure, ``ValueError`` for a bad ``size``.
+    To decode several frames of one file, read it once (:func:`read_dataset`) and pass the
+    Dataset with each index from :func:`frame_indices`. Raises :class:`DicomDecodeError` on
+    any failure (``too_large`` beyond ``max_file_bytes`` / ``max_decoded_bytes``),
+    ``ValueError`` for a bad ``size`` or limit.
     """
     if int(size) < 1:
         raise ValueError("size must be a positive integer")
     size = int(size)
-    ds = source if isinstance(source, Dataset) else read_dataset(source)
+    limit = _positive_limit(max_decoded_bytes, "max_decoded_bytes")
+    ds = source if isinstance(source, Dataset) else read_dataset(source, max_file_bytes)
     with _quiet():
         try:
-            return _display(ds, size, apply_voi, frame)
+            return _display(ds, size, apply_voi, frame, limit)
         except DicomDecodeError:
             raise
-        except Exception as exc:  # noqa: BLE001 - never let a raw exception escape
+        except _FATAL:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - never let a raw exception escape
             raise _fail("decode_failed", exc) from None

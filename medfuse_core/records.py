@@ -1,25 +1,33 @@
-"""Per-record ingest: one source record in, one shard row out, always.
+"""Per-record ingest: one source record in, shard rows out, always accounted for.
 
-Every record ends with ``status`` "ok", "quarantined" (with a reason code) or "filtered"
-(dropped by a stated policy, e.g. a lateral view when only frontal views are wanted). No
-exception escapes :func:`process_record`; reason codes never carry header values or text.
+Each record ends with ``status`` "ok" (one row per selected frame), "quarantined" (a reason
+code) or "filtered" (dropped by a stated policy: a view not selected, a non-image object).
+No exception escapes :func:`process_record`; reason codes never carry header values or text.
+
+Everything that reaches a row is de-identified first (:mod:`medfuse_core.deid`): patient and
+study ids become keyed pseudonyms, the header is reduced to an allow-list, and the report is
+scrubbed before the clinical context is cut from it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
 
+from medfuse_core import dicom
 from medfuse_core.config import IngestConfig
-from medfuse_core.dicom import DicomDecodeError, decode_dicom
+from medfuse_core.deid import Pseudonymizer, deidentify, has_burned_in_annotation, pseudonymize_record_ids
+from medfuse_core.dicom import DicomDecodeError, decode_dicom, read_dataset
 from medfuse_core.reports import clinical_context
 
-ROW_FIELDS = ("record_id", "study_id", "patient_id", "split", "view", "modality", "image", "image_size",
-              "image_sha1", "context", "report", "labels", "status", "reason")
+ROW_FIELDS = ("record_id", "image_id", "frame", "study_id", "patient_id", "split", "view", "modality",
+              "transfer_syntax", "image", "image_size", "image_sha1", "context", "report", "labels", "header",
+              "deid_audit", "status", "reason")
 
-FRONTAL_VIEWS = ("PA", "AP")
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
 
 def pixels_to_bytes(pixels: np.ndarray) -> bytes:
@@ -32,13 +40,20 @@ def bytes_to_pixels(blob: bytes, size: int) -> np.ndarray:
     return np.frombuffer(blob, dtype=np.float16).reshape(size, size).astype(np.float32)
 
 
-def _empty_row(rec: dict, status: str, reason: str) -> dict:
-    return {
-        "record_id": rec["record_id"], "study_id": rec.get("study_id", ""), "patient_id": rec.get("patient_id", ""),
-        "split": rec.get("split", ""), "view": "", "modality": "", "image": b"", "image_size": 0,
-        "image_sha1": "", "context": "", "report": "", "labels": list(rec.get("labels") or []),
-        "status": status, "reason": reason,
+def _ids(rec: dict, ps: Pseudonymizer) -> dict:
+    ids = pseudonymize_record_ids(rec, ps)
+    return {"study_id": ids["study_id"], "patient_id": ids["patient_id"]}
+
+
+def _row(rec: dict, ps: Pseudonymizer, status: str, reason: str, **facts) -> dict:
+    row = {
+        "record_id": rec["record_id"], "image_id": rec["record_id"], "frame": 0, **_ids(rec, ps),
+        "split": rec.get("split", ""), "view": "", "modality": "", "transfer_syntax": "", "image": b"",
+        "image_size": 0, "image_sha1": "", "context": "", "report": "", "labels": list(rec.get("labels") or []),
+        "header": "{}", "deid_audit": "{}", "status": status, "reason": reason,
     }
+    row.update(facts)
+    return row
 
 
 def _read_report(rec: dict) -> str | None:
@@ -53,32 +68,57 @@ def _read_report(rec: dict) -> str | None:
         return None
 
 
-def process_record(rec: dict, cfg: IngestConfig) -> dict:
-    """Decode, filter and pair one record with its report; never raises."""
+def _code(ds, keyword: str) -> str:
+    """A code-string header value safe to keep (modality, view): upper-case letters/digits only."""
+    value = str(ds.get(keyword, "") or "").strip().upper()
+    return value if value.replace("_", "").replace(" ", "").isalnum() and len(value) <= 16 else ""
+
+
+def process_record(rec: dict, cfg: IngestConfig, ps: Pseudonymizer) -> list[dict]:
+    """Decode, filter, de-identify and pair one record with its report; never raises."""
     try:
-        return _process(rec, cfg)
+        return _process(rec, cfg, ps)
     except Exception:  # last line of defence: account for the record, reveal nothing
-        return _empty_row(rec, "quarantined", "internal_error")
+        return [_row(rec, ps, "quarantined", "internal_error")]
 
 
-def _process(rec: dict, cfg: IngestConfig) -> dict:
+def _process(rec: dict, cfg: IngestConfig, ps: Pseudonymizer) -> list[dict]:
     try:
-        decoded = decode_dicom(rec["image_path"], size=cfg.image_size, apply_voi=cfg.apply_voi)
+        ds = read_dataset(rec["image_path"])
     except DicomDecodeError as err:
-        return _empty_row(rec, "quarantined", err.reason)
-    view = (decoded.view_position or rec.get("view_hint") or "").upper()
+        return [_row(rec, ps, "quarantined", err.reason)]
+    meta = getattr(ds, "file_meta", None)
+    tsyntax = str(getattr(meta, "TransferSyntaxUID", "") or "") if meta is not None else ""
+    facts = {"modality": _code(ds, "Modality"), "transfer_syntax": tsyntax if tsyntax.replace(".", "").isdigit() else ""}
+    if not any(k in ds for k in _PIXEL_KEYWORDS) and "Rows" not in ds:
+        return [_row(rec, ps, "filtered", "non_image_object", **facts)]
+    if cfg.quarantine_burned_in and has_burned_in_annotation(ds):
+        return [_row(rec, ps, "quarantined", "burned_in_annotation", **facts)]
+    view = _code(ds, "ViewPosition") or str(rec.get("view_hint") or "").upper()
+    facts["view"] = view
     if cfg.views and view not in {v.upper() for v in cfg.views}:
-        row = _empty_row(rec, "filtered", "view_not_selected")
-        row["view"] = view
-        return row
+        return [_row(rec, ps, "filtered", "view_not_selected", **facts)]
     report = _read_report(rec)
     if report is None:
-        return _empty_row(rec, "quarantined", "missing_report")
-    image = pixels_to_bytes(decoded.pixels)
-    return {
-        "record_id": rec["record_id"], "study_id": rec["study_id"], "patient_id": rec["patient_id"],
-        "split": rec["split"], "view": view, "modality": decoded.modality or "",
-        "image": image, "image_size": cfg.image_size, "image_sha1": hashlib.sha1(image).hexdigest(),
-        "context": clinical_context(report), "report": report, "labels": list(rec["labels"]),
-        "status": "ok", "reason": "",
+        return [_row(rec, ps, "quarantined", "missing_report", **facts)]
+    try:
+        frames = dicom.frame_indices(ds, cfg.frames) if hasattr(dicom, "frame_indices") else [0]
+        decoded = [decode_dicom(ds, size=cfg.image_size, apply_voi=cfg.apply_voi, frame=f) for f in frames]
+    except DicomDecodeError as err:
+        if err.reason == "no_pixel_data":
+            return [_row(rec, ps, "filtered", "non_image_object", **facts)]
+        return [_row(rec, ps, "quarantined", err.reason, **facts)]
+    res = deidentify(ds, report, ps, patient_id=rec.get("patient_id"), study_id=rec.get("study_id"))
+    common = {
+        "record_id": rec["record_id"], **_ids(rec, ps), "split": rec["split"], **facts,
+        "image_size": cfg.image_size, "context": clinical_context(res.report), "report": res.report,
+        "labels": list(rec["labels"]), "header": json.dumps(res.header, sort_keys=True, default=str),
+        "deid_audit": json.dumps(res.audit, sort_keys=True), "status": "ok", "reason": "",
     }
+    rows = []
+    for frame, image in zip(frames, decoded):
+        blob = pixels_to_bytes(image.pixels)
+        image_id = rec["record_id"] if len(frames) == 1 else f"{rec['record_id']}:{frame}"
+        rows.append({**common, "image_id": image_id, "frame": int(frame), "image": blob,
+                     "image_sha1": hashlib.sha1(blob).hexdigest()})
+    return rows

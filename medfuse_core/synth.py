@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import textwrap
 from concurrent.futures import ThreadPoolExecutor
@@ -977,6 +978,9 @@ def _write_csv(path: Path, header, rows) -> None:
         w.writerows(rows)
 
 
+SYNTHETIC_MARKER = "medfuse-synthetic.json"
+
+
 def generate_corpus(
     out_dir, n_studies: int = 200, seed: int = 0, progress: Progress = None, workers: int | None = None
 ) -> dict:
@@ -1045,6 +1049,9 @@ def generate_corpus(
         total_bytes += (out / name).stat().st_size
 
     splits = {k: sum(s.split == k for s in studies) for k in ("train", "validate", "test")}
+    # Marks the corpus as synthetic: only such a folder may be ingested with the public deid key.
+    (out / SYNTHETIC_MARKER).write_text(json.dumps({"generator": "medfuse.synth", "seed": int(seed),
+                                                    "n_studies": len(studies)}) + "\n")
     return {
         "n_studies": len(studies),
         "n_images": sum(len(s.images) for s in studies),

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from medfuse_core.config import ConfigError, FinetuneConfig, IngestConfig, load_config
+from medfuse_core.deid import DeidKeyError
 from medfuse_core.sources import SourceError
 
 log = logging.getLogger("medfuse")
@@ -21,6 +22,7 @@ log = logging.getLogger("medfuse")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CPU_EXPERIMENT = REPO_ROOT / "experiments" / "finetune_cxr_cpu.yaml"
 EXIT_USAGE = 2
+EXIT_HEALTH = 3
 
 
 class UsageError(Exception):
@@ -33,6 +35,15 @@ def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     quiet_third_party()
+
+
+def cmd_keygen(args) -> int:
+    from medfuse_core.deid import generate_key_file
+
+    path = generate_key_file(args.out)
+    print(f"wrote a new de-identification key to {path} (mode 0600). Keep it outside every output "
+          f"folder; point ingest at it with deid.key_file={path} or export MEDFUSE_DEID_KEY.")
+    return 0
 
 
 def cmd_synth(args) -> int:
@@ -140,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    p = sub.add_parser("keygen", help="create a secret key file for de-identification pseudonyms")
+    p.add_argument("--out", required=True)
+    p.set_defaults(fn=cmd_keygen)
+
     p = sub.add_parser("synth", help="write a synthetic chest X-ray corpus in the MIMIC-CXR layout")
     p.add_argument("--out", required=True)
     p.add_argument("--studies", type=int, default=200)
@@ -185,9 +200,20 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose)
     try:
         return args.fn(args)
-    except (ConfigError, SourceError, UsageError, FileNotFoundError) as err:
+    except (ConfigError, SourceError, UsageError, DeidKeyError) as err:
         print(f"medfuse {args.command}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except FileNotFoundError:
+        print(f"medfuse {args.command}: error: a file or folder named in the arguments was not found",
+              file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as err:
+        from pipelines.ingest import IngestHealthError
+
+        if isinstance(err, IngestHealthError):
+            print(f"medfuse {args.command}: stopped: {err}", file=sys.stderr)
+            return EXIT_HEALTH
+        raise
 
 
 if __name__ == "__main__":

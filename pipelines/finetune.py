@@ -93,8 +93,7 @@ def run(cfg: FinetuneConfig, data_dir: str | Path, workdir: str | Path) -> dict:
             tracking.log_params_flat(flatten(cfg))
             mlflow.set_tags({"medfuse.stage": "finetune", "medfuse.experiment": cfg.name})
             tracking.log_dataset(summary, data_dir, context="training")
-            mlflow.log_dict({k: v for k, v in summary.items() if k not in ("quarantine", "filtered")},
-                            "data/ingest_summary.json")
+            tracking.log_ingest(summary)
         facts.update({"mlflow_run_id": run_id, "experiment": cfg.tracking.experiment, "tracking_uri": uri,
                       "data_dir": str(data_dir.resolve()), "config": cfg.model_dump()})
         facts_path.write_text(json.dumps(facts, indent=2))

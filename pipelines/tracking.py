@@ -74,6 +74,21 @@ def log_dataset(summary: dict, data_dir: str | Path, context: str) -> None:
     mlflow.log_input(dataset, context=context)
 
 
+def log_ingest(summary: dict) -> None:
+    """Ingest accounting as metrics: counts, quarantine/filter per reason, de-identification audit."""
+    import mlflow
+
+    metrics = {f"ingest/{k}": summary[k] for k in ("n_records", "n_ok", "n_quarantined", "n_filtered", "n_images",
+                                                    "patients_in_several_splits") if k in summary}
+    for group, key in (("quarantined", "quarantine_by_reason"), ("filtered", "filtered_by_reason"),
+                       ("deid", "deid_audit")):
+        for reason, count in (summary.get(key) or {}).items():
+            metrics[f"ingest/{group}/{reason}"] = count
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+    mlflow.log_dict({k: v for k, v in summary.items() if k not in ("quarantine", "filtered")},
+                    "data/ingest_summary.json")
+
+
 def log_model(bundle_dir: str | Path, registered_model: str | None, input_example=None) -> Any:
     """Log a model bundle as an MLflow pyfunc model (models-from-code) and register it."""
     import mlflow

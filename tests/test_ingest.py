@@ -10,6 +10,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pydicom
 import pytest
+from pydicom.encaps import encapsulate
 
 from medfuse_core.config import IngestConfig
 from medfuse_core.sources import SourceError
@@ -71,7 +72,8 @@ def test_broken_files_are_quarantined_not_crashes(ray_local, tiny_corpus, tmp_pa
     assert summary["n_records"] == summary["n_ok"] + summary["n_quarantined"] + summary["n_filtered"]
     reasons = {q["record_id"]: q["reason"] for q in summary["quarantine"]}
     assert reasons[facts["truncated"]] in {"truncated", "unreadable"}
-    assert reasons[facts["nopixels"]] == "no_pixel_data"
+    filtered = {f["record_id"]: f["reason"] for f in summary["filtered"]}
+    assert filtered[facts["nopixels"]] == "non_image_object"  # not an image, not corrupt
     assert reasons[facts["missing"]] == "missing_file"
     assert reasons[facts["unindexed"]] == "not_in_split_index"
     for row in summary["quarantine"]:
@@ -79,7 +81,8 @@ def test_broken_files_are_quarantined_not_crashes(ray_local, tiny_corpus, tmp_pa
     assert len(_shard_rows(out)) == summary["n_ok"]
 
 
-def test_manifest_format(ray_local, tiny_corpus, tmp_path):
+def test_manifest_format(ray_local, tiny_corpus, tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDFUSE_DEID_KEY", "5e" * 32)
     split = pd.read_csv(tiny_corpus / "mimic-cxr-2.0.0-split.csv", dtype=str).head(12)
     rows = []
     for r in split.itertuples():
@@ -94,6 +97,37 @@ def test_manifest_format(ray_local, tiny_corpus, tmp_path):
     shards = _shard_rows(tmp_path / "data")
     assert set(shards["split"]) <= {"train", "validate", "test"}
     assert (shards.groupby("patient_id")["split"].nunique() == 1).all()
+    assert shards["patient_id"].str.startswith("P-").all()  # keyed pseudonyms, not the source ids
+    assert not set(shards["patient_id"]) & set(split["subject_id"])
+
+
+def test_real_archive_without_a_key_is_refused(ray_local, tiny_corpus, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("MEDFUSE_DEID_KEY", raising=False)
+    corpus = tmp_path / "archive"
+    shutil.copytree(tiny_corpus, corpus)
+    (corpus / "medfuse-synthetic.json").unlink()  # no longer marked synthetic
+    code = main(["ingest", "--format", "mimic-cxr", "--root", str(corpus), "--out", str(tmp_path / "d")])
+    assert code == 2
+    assert "MEDFUSE_DEID_KEY" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
+
+
+def test_leaking_split_is_refused(ray_local, tiny_corpus, tmp_path, capsys):
+    corpus = tmp_path / "leaky"
+    shutil.copytree(tiny_corpus, corpus)
+    split = pd.read_csv(corpus / "mimic-cxr-2.0.0-split.csv", dtype=str)
+    patient = split["subject_id"].iloc[0]
+    rows = split.index[split["subject_id"] == patient]
+    split.loc[rows[0], "split"] = "train"
+    split.loc[rows[-1], "split"] = "test"
+    if len(rows) == 1:  # give the patient a second image in another split
+        extra = split.loc[[rows[0]]].assign(split="test")
+        split = pd.concat([split, extra])
+    split.to_csv(corpus / "mimic-cxr-2.0.0-split.csv", index=False)
+    code = main(["ingest", "--format", "mimic-cxr", "--root", str(corpus), "--out", str(tmp_path / "d")])
+    assert code == 2
+    assert "more than one split" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
 
 
 def test_bad_manifests_fail_clearly(tmp_path, capsys):
@@ -109,3 +143,35 @@ def test_bad_manifests_fail_clearly(tmp_path, capsys):
     code = main(["ingest", "--format", "mimic-cxr", "--root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "c")])
     assert code == 2
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+def test_missing_decoder_stops_the_job(ray_local, tiny_corpus, tmp_path, capsys):
+    corpus = tmp_path / "mpeg"
+    shutil.copytree(tiny_corpus, corpus)
+    for path in sorted((corpus / "files").rglob("*.dcm"))[:3]:
+        ds = pydicom.dcmread(path)
+        if not ds.file_meta.TransferSyntaxUID.is_encapsulated:
+            ds.PixelData = encapsulate([bytes(ds.PixelData)])
+        ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"  # MPEG2: no decoder installed
+        ds.save_as(path, enforce_file_format=True)
+    code = main(["ingest", "--format", "mimic-cxr", "--root", str(corpus), "--out", str(tmp_path / "d"),
+                 "--views", ""])
+    err = capsys.readouterr().err
+    assert code == 3, err
+    assert "1.2.840.10008.1.2.4.100" in err and "decoder" in err
+    assert not (tmp_path / "d").exists()
+
+
+def test_wholesale_quarantine_of_a_group_stops_the_job(ray_local, tiny_corpus, tmp_path, capsys):
+    corpus = tmp_path / "cut"
+    shutil.copytree(tiny_corpus, corpus)
+    paths = sorted((corpus / "files").rglob("*.dcm"))
+    for path in paths[: int(len(paths) * 0.4)]:
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 3])
+    code = main(["ingest", "--format", "mimic-cxr", "--root", str(corpus), "--out", str(tmp_path / "d"),
+                 "--views", "", "max_quarantine_rate=0.25"])
+    err = capsys.readouterr().err
+    assert code == 3, err
+    assert "max_quarantine_rate" in err
+    assert not (tmp_path / "d").exists()
