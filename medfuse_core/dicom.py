@@ -223,7 +223,7 @@ class _TrackingReader(io.BytesIO):
 def _load_bytes(source: Source, limit: int) -> bytes:
     """The whole source, refusing ("too_large") more than ``limit`` bytes before reading them."""
     if isinstance(source, (bytes, bytearray, memoryview)):
-        if len(source) > limit:
+        if memoryview(source).nbytes > limit:
             raise _fail("too_large")
         return bytes(source)
     if hasattr(source, "read"):
@@ -275,17 +275,21 @@ def _file_meta_end(raw: bytes) -> tuple[int, bytes]:
     return pos, tsyntax
 
 
-def _check_inflated_size(raw: bytes, limit: int) -> None:
-    """pydicom inflates a deflated dataset in one go: refuse one that would exceed ``limit``."""
+def _check_deflated(raw: bytes, limit: int) -> None:
+    """pydicom inflates a deflated dataset in one go: refuse one that would exceed ``limit``
+    ("too_large"), and call a deflate stream that stops early "truncated"."""
     end, tsyntax = _file_meta_end(raw)
     if tsyntax.rstrip(b"\x00 ").decode("ascii", "replace") != DeflatedExplicitVRLittleEndian:
         return
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     try:
-        inflated = zlib.decompressobj(-zlib.MAX_WBITS).decompress(raw[end:], limit + 1)
+        inflated = inflater.decompress(raw[end:], limit + 1)
     except zlib.error:
         return  # corrupt stream: pydicom fails on it and the failure is classified there
     if len(inflated) > limit:
         raise _fail("too_large")
+    if not inflater.eof:
+        raise _fail("truncated")
 
 
 def _parse(raw: bytes, force: bool) -> tuple[Dataset, bool, bool]:
@@ -318,7 +322,7 @@ def read_dataset(source: Source, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -
         if not raw:
             raise _fail("unreadable")
         try:
-            _check_inflated_size(raw, limit)
+            _check_deflated(raw, limit)
         except DicomDecodeError:
             raise
         except Exception:  # noqa: BLE001 - a malformed meta group: leave it to pydicom
@@ -401,10 +405,11 @@ def is_image_sop_class(uid: str | None) -> bool | None:
     if not uid:
         return None
     try:
-        sop = UID(str(uid).strip())
-        if sop.type != "SOP Class" or "Storage" not in sop.name:
-            return None
-        name = sop.name
+        with _quiet():  # pydicom warns about malformed UIDs, echoing the value
+            sop = UID(str(uid).strip())
+            name = sop.name
+            if sop.type != "SOP Class" or "Storage" not in name or "Commitment" in name:
+                return None
     except Exception:  # noqa: BLE001 - malformed UID value
         return None
     return "Image Storage" in name or str(sop) in _IMAGE_SOP_CLASSES_WITHOUT_IMAGE_IN_NAME

@@ -9,7 +9,8 @@
   outcome per variant: ``decoded``, ``reason:<code>``, ``crash:<what>``, ``timeout`` or
   ``memory``. Workers decode from a file whose name holds :data:`CANARY_PATH` and every
   seed carries :data:`CANARY` in its text elements; any canary that reaches an exception,
-  a traceback, a warning or a log record is reported as a leak.
+  a traceback, a warning or a log record is reported as a leak. A variant starting with
+  :data:`CONTROL` makes the worker fail on purpose, to prove each outcome is detected.
 
 Only the standard library and pydicom are imported at module level, so spawned workers
 start quickly and set their thread and memory limits before importing torch.
@@ -52,6 +53,7 @@ PYDICOM_SEEDS = (
     "MR_small_jp2klossless.dcm",  # JPEG 2000 lossless
     "MR_small_jpeg_ls_lossless.dcm",  # JPEG-LS lossless
     "SC_rgb_jpeg_gdcm.dcm",  # JPEG lossless (process 14), RGB
+    "JPGExtended.dcm",  # JPEG extended, 12-bit
     "SC_rgb_dcmtk_+eb+cy+np.dcm",  # JPEG baseline, YBR_FULL_422
     "JPEGLSNearLossless_16.dcm",  # JPEG-LS near-lossless
     "SC_rgb_rle_2frame.dcm",  # multi-frame RLE colour
@@ -97,9 +99,36 @@ def _with_canary(raw: bytes) -> bytes:
     return buf.getvalue()
 
 
+def enhanced_seed() -> bytes:
+    """A small Enhanced CT: 3 frames of 16 x 12, a different rescale in each frame's functional group."""
+    import numpy as np
+
+    ds = Dataset()
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = "1.2.826.0.1.3680043.8.498.77"
+    ds.Modality, ds.NumberOfFrames, ds.Rows, ds.Columns = "CT", "3", 16, 12
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    groups = []
+    for slope, intercept in ((1, -1024), (2, -2048), (0.5, 0)):
+        pvt = Dataset()
+        pvt.RescaleSlope, pvt.RescaleIntercept, pvt.RescaleType = str(slope), str(intercept), "HU"
+        item = Dataset()
+        item.PixelValueTransformationSequence = [pvt]
+        groups.append(item)
+    ds.PerFrameFunctionalGroupsSequence = groups
+    ds.PixelData = (np.arange(3 * 16 * 12, dtype="<u2") * 5).tobytes()
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
 def seed_files(include_synth: bool = True) -> tuple[list[tuple[str, bytes]], str]:
     """(name, bytes) of the valid seeds, each carrying the canary; plus a note on the synth seeds."""
     seeds = [(name, _with_canary(bundled_file(name).read_bytes())) for name in PYDICOM_SEEDS]
+    seeds.append(("enhanced_ct.dcm", _with_canary(enhanced_seed())))
     note = "synth: off"
     if include_synth:
         try:
@@ -358,8 +387,29 @@ def _leaks(exc: BaseException | None, texts: list[str]) -> bool:
     return CANARY in blob or CANARY_PATH in blob
 
 
-def _worker_main(conn, headroom_bytes: int, max_decoded_bytes: int, max_file_bytes: int, size: int) -> None:
-    """Decode variants sent over ``conn`` until None arrives; reply (outcome, seconds, maxrss_kb, leak)."""
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith(key + ":"))
+
+
+# Harness self-checks: a variant starting with this runs a deliberate failure in the worker.
+CONTROL = b"\x00MEDFUSE-FUZZ-CONTROL:"
+
+
+def _control(action: bytes, headroom_bytes: int) -> None:
+    if action == b"alloc":
+        bytearray(2 * headroom_bytes)  # beyond RLIMIT_AS: MemoryError
+    elif action == b"sleep":
+        time.sleep(3600)
+    elif action == b"abort":
+        os.abort()
+    else:
+        raise RuntimeError("unexpected exception")
+
+
+def _worker_main(conn, workdir: str, headroom_bytes: int, max_decoded_bytes: int, max_file_bytes: int,
+                 size: int) -> None:
+    """Decode variants sent over ``conn`` until None arrives; reply (outcome, seconds, peak_rss_kb, leak)."""
     os.environ["OMP_NUM_THREADS"] = "1"
     os.environ["MKL_NUM_THREADS"] = "1"
     import logging
@@ -380,14 +430,15 @@ def _worker_main(conn, headroom_bytes: int, max_decoded_bytes: int, max_file_byt
     logging.getLogger().addHandler(handler)
     logging.getLogger("pydicom").setLevel(logging.DEBUG)
 
-    with open("/proc/self/status") as fh:
-        vm_kb = next(int(line.split()[1]) for line in fh if line.startswith("VmSize:"))
-    limit = vm_kb * 1024 + headroom_bytes
+    limit = _status_kb("VmSize") * 1024 + headroom_bytes
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    workdir = tempfile.mkdtemp(prefix="medfuse-fuzz-")
-    path = os.path.join(workdir, f"{CANARY_PATH}.dcm")
-    baseline_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    conn.send(("ready", baseline_kb))
+    path = os.path.join(workdir, f"{os.getpid()}-{CANARY_PATH}.dcm")
+    try:  # reset the peak-RSS mark so that it measures decoding, not the imports (Linux >= 4.0)
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+    conn.send(("ready", _status_kb("VmRSS")))
     while True:
         task = conn.recv()
         if task is None:
@@ -399,6 +450,8 @@ def _worker_main(conn, headroom_bytes: int, max_decoded_bytes: int, max_file_byt
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
+                if data.startswith(CONTROL):
+                    _control(data[len(CONTROL):], headroom_bytes)
                 with open(path, "wb") as fh:
                     fh.write(data)
                 ds = read_dataset(path, max_file_bytes)
@@ -415,7 +468,7 @@ def _worker_main(conn, headroom_bytes: int, max_decoded_bytes: int, max_file_byt
                 outcome, exc = f"crash:{type(err).__name__}", err
         seconds = time.perf_counter() - start
         leak = _leaks(exc, [str(w.message) for w in caught] + records)
-        conn.send((index, outcome, seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, leak))
+        conn.send((index, outcome, seconds, _status_kb("VmHWM"), leak))
 
 
 @dataclass
@@ -529,12 +582,14 @@ def run_variants(
                 record(index, worker.death_outcome(), time.perf_counter() - t0)
                 worker.restart()
 
-    pool = [_Worker(ctx, (headroom_bytes, max_decoded_bytes, max_file_bytes, size)) for _ in range(workers)]
-    threads = [threading.Thread(target=drive, args=(w,), daemon=True) for w in pool]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    with tempfile.TemporaryDirectory(prefix="medfuse-fuzz-") as workdir:
+        args = (workdir, headroom_bytes, max_decoded_bytes, max_file_bytes, size)
+        pool = [_Worker(ctx, args) for _ in range(workers)]
+        threads = [threading.Thread(target=drive, args=(w,), daemon=True) for w in pool]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
     report.wall_s = time.perf_counter() - started
     return report
 
@@ -552,8 +607,8 @@ def summary(variants: list[tuple[str, bytes]], report: FuzzReport, note: str = "
         f"  canary leaks: {len(report.leaks)}",
         f"  max seconds per file: {slowest[1]:.3f}"
         + (f" ({variants[slowest[0]][0]})" if slowest[0] is not None else ""),
-        f"  max RSS per worker: {report.max_rss_kb / 1024:.0f} MiB "
-        f"(after imports: {report.baseline_rss_kb / 1024:.0f} MiB; "
+        f"  max RSS per worker while decoding: {report.max_rss_kb / 1024:.0f} MiB "
+        f"(after imports incl. torch: {report.baseline_rss_kb / 1024:.0f} MiB; "
         f"growth {max(0, report.max_rss_kb - report.baseline_rss_kb) / 1024:.0f} MiB)",
         f"  wall: {report.wall_s:.1f} s",
     ]

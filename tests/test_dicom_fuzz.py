@@ -4,6 +4,7 @@ within bounded time and memory, and no header value or path reaches an error or 
 from __future__ import annotations
 
 import logging
+import signal
 import warnings
 
 import pytest
@@ -55,6 +56,13 @@ def test_every_variant_decodes_or_fails_typed_within_bounds(seeds, variants, cap
     counts = report.counts()
     assert counts["decoded"] > 300  # mutations that leave the image readable still decode
     assert counts["reason:truncated"] > 300 and counts["reason:too_large"] > 0
+
+
+def test_harness_detects_memory_timeout_and_crash():
+    """Positive controls: each failure kind the fuzz test asserts absent is really recorded."""
+    controls = [(f"control:{a}", harness.CONTROL + a.encode()) for a in ("alloc", "sleep", "abort", "raise")]
+    report = harness.run_variants(controls, workers=2, timeout_s=3.0, headroom_bytes=256 << 20)
+    assert report.outcomes == {0: "memory", 1: "timeout", 2: f"crash:exit{-signal.SIGABRT}", 3: "crash:RuntimeError"}
 
 
 def test_leak_detector_sees_a_canary():
