@@ -11,6 +11,7 @@ import math
 import os
 import tempfile
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -18,6 +19,32 @@ import torch
 TRAIN_STATE = "train_state.json"
 DS_TAG = "deepspeed"
 BUNDLE_DIR = "bundle"
+
+
+def _deepspeed_checkpoint_globals() -> list:
+    """The few DeepSpeed classes its checkpoints pickle besides tensors (allow-listed, nothing else)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextmanager
+def weights_only_loading():
+    """Force ``torch.load(weights_only=True)`` (DeepSpeed asks for False) with DeepSpeed's classes allowed."""
+    import torch.serialization
+
+    previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals(_deepspeed_checkpoint_globals()):
+            yield
+    finally:
+        if previous is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
 
 
 def deepspeed_config(cfg, use_gpu: bool) -> dict:
@@ -167,7 +194,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     if checkpoint is None and loop_cfg.get("resume_from"):
         checkpoint = ray.train.Checkpoint.from_directory(loop_cfg["resume_from"])
     if checkpoint:
-        with checkpoint.as_directory() as d:
+        with checkpoint.as_directory() as d, weights_only_loading():
             engine.load_checkpoint(d, tag=DS_TAG, load_module_strict=False)
             state = json.loads(open(os.path.join(d, TRAIN_STATE)).read())
 
