@@ -7,7 +7,8 @@ Pixel pipeline (:func:`decode_dicom`), in this order:
    (RGB, YBR_* converted to RGB by pydicom, PALETTE COLOR through its LUT) become
    grayscale luminance ``0.299 R + 0.587 G + 0.114 B``.
 2. **Modality LUT**: ``RescaleSlope * stored + RescaleIntercept`` (or a Modality LUT
-   Sequence), via ``pydicom.pixels.apply_modality_lut``. :func:`modality_pixels` stops here.
+   Sequence), via ``pydicom.pixels.apply_modality_lut``; an enhanced object's per-frame or
+   shared functional-group rescale takes precedence. :func:`modality_pixels` stops here.
 3. **VOI window** (only when ``apply_voi=True``): WindowCenter/WindowWidth or a VOI LUT
    Sequence via ``pydicom.pixels.apply_voi_lut``. Missing or invalid window values
    (e.g. width < 1) leave the image unwindowed rather than failing it.
@@ -28,8 +29,8 @@ logs. pydicom's warnings and log records (which echo values and paths) are suppr
 while these functions run.
 
 Truncation: pydicom reads a file that ends early without complaint, so :func:`read_dataset`
-watches for short reads while parsing; an empty dataset, native pixel data shorter than the
-header declares, encapsulated pixel data with fewer fragments than frames, or an image
+watches for short reads while parsing; an empty dataset, a deflate stream that stops early,
+native pixel data shorter than the header declares, encapsulated pixel data with fewer fragments than frames, or an image
 header (Rows/Columns) without pixel data in an object whose SOP class is not a known
 non-image class also count as ``truncated``.
 
@@ -45,8 +46,7 @@ header (JPEG SOF / JPEG-LS / JPEG 2000 SIZ) declares more samples than the DICOM
 refused (``decode_failed``) before the codec allocates for it.
 
 Multi-frame: :func:`frame_indices` picks the frames that become training images
-(:data:`FRAME_POLICIES`); for enhanced objects the rescale comes from the frame's
-Per-Frame (else the Shared) Functional Groups Pixel Value Transformation.
+(:data:`FRAME_POLICIES`); each is decoded with ``decode_dicom(ds, ..., frame=i)``.
 """
 
 from __future__ import annotations
