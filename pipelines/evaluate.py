@@ -71,6 +71,19 @@ def resolve_model(ref: str, tmp: Path) -> tuple[Path, dict]:
     return bundle, facts
 
 
+def _run_note(result: dict) -> str:
+    """A short Markdown description for the MLflow run page."""
+    lines = [f"**Test split**: {result['n_test']} images. Thresholds chosen on the validation split.", "",
+             "| scoring | macro AUROC | macro AUPRC | macro F1 |", "|---|---|---|---|"]
+    for mode in MODES:
+        m = result[mode]
+        lines.append(f"| {mode} | {m['auroc_macro']:.3f} | {m['auprc_macro']:.3f} | {m['f1_macro']:.3f} |")
+    lines += ["", "`image_text` sees the clinical context (indication) only, never findings or impression.",
+              "Plots: `evaluation/roc_curves.png`, `evaluation/per_label_auroc.png`, "
+              "`evaluation/calibration_image_text.png`."]
+    return "\n".join(lines)
+
+
 def run(model_ref: str, data_dir: str | Path, out: str | Path) -> dict:
     """Evaluate and write the metrics JSON; returns it."""
     import mlflow
@@ -116,6 +129,7 @@ def run(model_ref: str, data_dir: str | Path, out: str | Path) -> dict:
                 for name, value in result[mode]["auroc"].items():
                     mlflow.log_metric(f"test/{mode}/auroc/{name.replace(' ', '_')}", value)
             mlflow.log_dict(result, "evaluation/metrics.json")
+            mlflow.set_tag("mlflow.note.content", _run_note(result))
             y = parts["test"]["y"]
             mlflow.log_figure(plots.roc_curves({m: parts["test"][m] for m in MODES}, y, names),
                               "evaluation/roc_curves.png")
