@@ -37,6 +37,12 @@ def test_tiny_corpus_accounting(tiny_data):
     assert not rows["context"].str.contains("FINDINGS|IMPRESSION", regex=True).any()
     assert rows["context"].str.len().gt(0).mean() > 0.9
     assert (rows["image_size"] == 48).all() and rows["image"].map(len).eq(48 * 48 * 2).all()
+    # de-identified: pseudonymous ids, allow-listed header with the profile recorded
+    assert rows["patient_id"].str.match(r"^P-[0-9A-F]{16}$").all()
+    assert rows["study_id"].str.match(r"^S-[0-9A-F]{16}$").all()
+    header = json.loads(rows["header"].iloc[0])
+    assert header["PatientIdentityRemoved"] == "YES" and "PatientName" not in header
+    assert summary["deid"]["synthetic_key"] is True and "Annex E" in summary["deid"]["method"]
 
 
 def _broken_copy(src: Path, dst: Path) -> dict:
@@ -46,7 +52,7 @@ def _broken_copy(src: Path, dst: Path) -> dict:
     meta = pd.read_csv(dst / "mimic-cxr-2.0.0-metadata.csv", dtype=str)
     frontal = meta[meta["ViewPosition"].isin(["PA", "AP"])]["dicom_id"].tolist()
     paths = {p.stem: p for p in (dst / "files").rglob("*.dcm")}
-    truncated, nopixels, missing, unindexed = frontal[:4]
+    truncated, nopixels, missing, unindexed, burned = frontal[:5]
     data = paths[truncated].read_bytes()
     paths[truncated].write_bytes(data[: len(data) // 2])
     ds = pydicom.dcmread(paths[nopixels])  # turn it into an object without an image (like an SR)
@@ -56,8 +62,11 @@ def _broken_copy(src: Path, dst: Path) -> dict:
             delattr(ds, keyword)
     ds.save_as(paths[nopixels])
     paths[missing].unlink()
+    ds = pydicom.dcmread(paths[burned])
+    ds.BurnedInAnnotation = "YES"
+    ds.save_as(paths[burned])
     split[split["dicom_id"] != unindexed].to_csv(dst / "mimic-cxr-2.0.0-split.csv", index=False)
-    return {"truncated": truncated, "nopixels": nopixels, "missing": missing, "unindexed": unindexed,
+    return {"truncated": truncated, "nopixels": nopixels, "missing": missing, "unindexed": unindexed, "burned": burned,
             "n_images": len(paths)}
 
 
@@ -76,6 +85,7 @@ def test_broken_files_are_quarantined_not_crashes(ray_local, tiny_corpus, tmp_pa
     assert filtered[facts["nopixels"]] == "non_image_object"  # not an image, not corrupt
     assert reasons[facts["missing"]] == "missing_file"
     assert reasons[facts["unindexed"]] == "not_in_split_index"
+    assert reasons[facts["burned"]] == "burned_in_annotation"
     for row in summary["quarantine"]:
         assert set(row) == {"record_id", "reason"}
     assert len(_shard_rows(out)) == summary["n_ok"]
