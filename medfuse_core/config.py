@@ -135,6 +135,8 @@ class IngestConfig(_Section):
     views: list[str] = Field(default_factory=lambda: ["PA", "AP"])  # empty: keep every view
     apply_voi: bool = False  # apply the file's VOI window before normalising
     frames: Literal["first", "middle", "all"] = "first"  # which frames of a multi-frame object become images
+    max_decoded_bytes: int = Field(512 << 20, ge=1)  # declared pixel size above this -> "too_large", never allocated
+    max_file_bytes: int = Field(1 << 30, ge=1)  # bigger files -> "too_large", never read
     quarantine_burned_in: bool = True  # BurnedInAnnotation=YES images may show names in the pixels
     max_quarantine_rate: float = Field(0.25, ge=0.0, le=1.0)  # per modality / transfer syntax, else stop
     min_group_for_rate: int = Field(20, ge=1)  # groups smaller than this are not rate-checked

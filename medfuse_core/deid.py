@@ -39,14 +39,10 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import hmac
-import logging
 import math
 import os
 import re
 import secrets
-import threading
-import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -55,6 +51,8 @@ from typing import Iterable, Iterator, Mapping, Sequence, Union
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import UID
+
+from medfuse_core.pydicom_quiet import quiet_pydicom
 
 __all__ = [
     "AGE_CAP",
@@ -290,30 +288,8 @@ def pseudonymize_record_ids(rec: Mapping, pseudonymizer: Pseudonymizer) -> dict[
 
 # =============================================================================== quieting
 
-_quiet_state = threading.local()
-
-
-class _DeidQuietFilter(logging.Filter):
-    """Drops pydicom log records (which echo values) emitted while this module reads a header."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return getattr(_quiet_state, "depth", 0) == 0
-
-
-_PYDICOM_LOGGER = logging.getLogger("pydicom")
-if not any(isinstance(f, _DeidQuietFilter) for f in _PYDICOM_LOGGER.filters):
-    _PYDICOM_LOGGER.addFilter(_DeidQuietFilter())
-
-
-@contextmanager
-def _quiet() -> Iterator[None]:
-    _quiet_state.depth = getattr(_quiet_state, "depth", 0) + 1
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        _quiet_state.depth -= 1
+# pydicom echoes header values in its warnings and log records: silence them while reading.
+_quiet = quiet_pydicom
 
 
 # =============================================================================== header

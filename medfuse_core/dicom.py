@@ -52,15 +52,12 @@ Multi-frame: :func:`frame_indices` picks the frames that become training images
 from __future__ import annotations
 
 import io
-import logging
 import os
 import struct
-import threading
 import warnings
 import zlib
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import BinaryIO, Iterator, Union
+from typing import BinaryIO, Union
 
 import numpy as np
 import pydicom
@@ -81,6 +78,8 @@ from pydicom.uid import (
     JPEGLSTransferSyntaxes,
     JPEGTransferSyntaxes,
 )
+
+from medfuse_core.pydicom_quiet import quiet_pydicom
 
 __all__ = [
     "DEFAULT_MAX_DECODED_BYTES",
@@ -157,36 +156,6 @@ class DecodedImage:
     transfer_syntax: str | None  # UID string
     n_frames: int
     frame: int = 0  # index of the decoded frame
-
-
-# --------------------------------------------------------------------------- quieting
-
-
-_quiet_state = threading.local()
-
-
-class _QuietFilter(logging.Filter):
-    """Drops pydicom log records emitted while a decode function runs on this thread."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return getattr(_quiet_state, "depth", 0) == 0
-
-
-_PYDICOM_LOGGER = logging.getLogger("pydicom")
-if not any(isinstance(f, _QuietFilter) for f in _PYDICOM_LOGGER.filters):
-    _PYDICOM_LOGGER.addFilter(_QuietFilter())
-
-
-@contextmanager
-def _quiet() -> Iterator[None]:
-    """Silence pydicom warnings (process-wide) and log records (this thread)."""
-    _quiet_state.depth = getattr(_quiet_state, "depth", 0) + 1
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        _quiet_state.depth -= 1
 
 
 # Never converted into a DicomDecodeError. Everything else is, including BaseException
@@ -310,7 +279,7 @@ def read_dataset(source: Source, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -
     dataset, larger than ``max_file_bytes``).
     """
     limit = _positive_limit(max_file_bytes, "max_file_bytes")
-    with _quiet():
+    with quiet_pydicom():
         try:
             raw = _load_bytes(source, limit)
         except DicomDecodeError:
@@ -405,7 +374,7 @@ def is_image_sop_class(uid: str | None) -> bool | None:
     if not uid:
         return None
     try:
-        with _quiet():  # pydicom warns about malformed UIDs, echoing the value
+        with quiet_pydicom():  # pydicom warns about malformed UIDs, echoing the value
             sop = UID(str(uid).strip())
             name = sop.name
             if sop.type != "SOP Class" or "Storage" not in name or "Commitment" in name:
@@ -673,7 +642,7 @@ def modality_pixels(ds: Dataset, frame: int = 0, *, max_decoded_bytes: int = DEF
     Raises :class:`DicomDecodeError` (``too_large`` above ``max_decoded_bytes``).
     """
     limit = _positive_limit(max_decoded_bytes, "max_decoded_bytes")
-    with _quiet():
+    with quiet_pydicom():
         try:
             return _modality_pixels(ds, frame, limit)
         except DicomDecodeError:
@@ -695,7 +664,7 @@ def frame_indices(ds: Dataset, policy: str = "first") -> list[int]:
     """
     if policy not in FRAME_POLICIES:
         raise ValueError(f"unknown frame policy; expected one of {FRAME_POLICIES}")
-    with _quiet():
+    with quiet_pydicom():
         n = _n_frames(ds)
     if policy == "first":
         return [0]
@@ -801,7 +770,7 @@ def decode_dicom(
     size = int(size)
     limit = _positive_limit(max_decoded_bytes, "max_decoded_bytes")
     ds = source if isinstance(source, Dataset) else read_dataset(source, max_file_bytes)
-    with _quiet():
+    with quiet_pydicom():
         try:
             return _display(ds, size, apply_voi, frame, limit)
         except DicomDecodeError:

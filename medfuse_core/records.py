@@ -1,6 +1,7 @@
 """Per-record ingest: one source record in, shard rows out, always accounted for.
 
-Each record ends with ``status`` "ok" (one row per selected frame), "quarantined" (a reason
+Each record ends with ``status`` "ok" (one row per frame selected by ``frames``; one bad
+frame quarantines the whole record), "quarantined" (a reason
 code) or "filtered" (dropped by a stated policy: a view not selected, a non-image object).
 No exception escapes :func:`process_record`; reason codes never carry header values or text.
 
@@ -17,10 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from medfuse_core import dicom
 from medfuse_core.config import IngestConfig
 from medfuse_core.deid import Pseudonymizer, deidentify, has_burned_in_annotation, pseudonymize_record_ids
-from medfuse_core.dicom import DicomDecodeError, decode_dicom, read_dataset
+from medfuse_core.dicom import DicomDecodeError, decode_dicom, frame_indices, read_dataset
 from medfuse_core.reports import clinical_context
 
 ROW_FIELDS = ("record_id", "image_id", "frame", "study_id", "patient_id", "split", "view", "modality",
@@ -78,13 +78,15 @@ def process_record(rec: dict, cfg: IngestConfig, ps: Pseudonymizer) -> list[dict
     """Decode, filter, de-identify and pair one record with its report; never raises."""
     try:
         return _process(rec, cfg, ps)
-    except Exception:  # last line of defence: account for the record, reveal nothing
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException:  # last line of defence (native decoders can raise non-Exceptions): reveal nothing
         return [_row(rec, ps, "quarantined", "internal_error")]
 
 
 def _process(rec: dict, cfg: IngestConfig, ps: Pseudonymizer) -> list[dict]:
     try:
-        ds = read_dataset(rec["image_path"])
+        ds = read_dataset(rec["image_path"], max_file_bytes=cfg.max_file_bytes)
     except DicomDecodeError as err:
         return [_row(rec, ps, "quarantined", err.reason)]
     meta = getattr(ds, "file_meta", None)
@@ -102,8 +104,10 @@ def _process(rec: dict, cfg: IngestConfig, ps: Pseudonymizer) -> list[dict]:
     if report is None:
         return [_row(rec, ps, "quarantined", "missing_report", **facts)]
     try:
-        frames = dicom.frame_indices(ds, cfg.frames) if hasattr(dicom, "frame_indices") else [0]
-        decoded = [decode_dicom(ds, size=cfg.image_size, apply_voi=cfg.apply_voi, frame=f) for f in frames]
+        frames = frame_indices(ds, cfg.frames)
+        decoded = [decode_dicom(ds, size=cfg.image_size, apply_voi=cfg.apply_voi, frame=f,
+                                max_decoded_bytes=cfg.max_decoded_bytes, max_file_bytes=cfg.max_file_bytes)
+                   for f in frames]
     except DicomDecodeError as err:
         if err.reason == "no_pixel_data":
             return [_row(rec, ps, "filtered", "non_image_object", **facts)]

@@ -1052,6 +1052,7 @@ def generate_corpus(
     # Marks the corpus as synthetic: only such a folder may be ingested with the public deid key.
     (out / SYNTHETIC_MARKER).write_text(json.dumps({"generator": "medfuse.synth", "seed": int(seed),
                                                     "n_studies": len(studies)}) + "\n")
+    total_bytes += (out / SYNTHETIC_MARKER).stat().st_size
     return {
         "n_studies": len(studies),
         "n_images": sum(len(s.images) for s in studies),

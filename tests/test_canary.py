@@ -50,7 +50,7 @@ HEADER_CANARIES = {
     "SeriesDescription": "CNRY series description Wexmoor",
     "MilitaryRank": "CNRYRANK",
     "EthnicGroup": "CNRYETHNIC",
-    "Occupation": "CNRY occupation Tinsmith",
+    "Occupation": "CNRY Tinsmith",
     "AdditionalPatientHistory": "CNRY history of Yarrowdale",
     "PatientComments": "CNRY comment Pellucid",
     "DeviceSerialNumber": "CNRYSERIAL3321",

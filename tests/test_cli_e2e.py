@@ -42,3 +42,12 @@ def test_quickstart_then_evaluate_by_run_and_registry(ray_local, tmp_path, capsy
     assert "test/image_text/auroc_macro" in run.data.metrics
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "evaluation")}
     assert "evaluation/roc_curves.png" in artifacts
+
+    # the registered model serves through MLflow's pyfunc interface
+    import numpy as np
+    import pandas as pd
+
+    model = mlflow.pyfunc.load_model("models:/medfuse-cxr-diagnosis@candidate")
+    image = np.full((48, 48), 0.5).tolist()
+    probs = model.predict(pd.DataFrame({"image": [image, image], "context": ["shortness of breath", ""]}))
+    assert probs.shape == (2, 14) and ((probs.to_numpy() > 0) & (probs.to_numpy() < 1)).all()

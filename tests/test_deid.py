@@ -617,4 +617,5 @@ def test_module_imports_only_the_standard_library_and_pydicom():
     modules = set(re.findall(r"^(?:import|from)\s+([\w]+)", source, re.MULTILINE))
     assert modules <= {"__future__", "datetime", "hashlib", "hmac", "logging", "math", "os", "re", "secrets",
                        "threading", "warnings", "contextlib", "dataclasses", "functools", "pathlib", "typing",
-                       "pydicom"}
+                       "pydicom", "medfuse_core"}
+    assert re.findall(r"^from medfuse_core\.(\w+)", source, re.MULTILINE) == ["pydicom_quiet"]  # stdlib-only helper
