@@ -71,6 +71,41 @@ def resolve_model(ref: str, tmp: Path) -> tuple[Path, dict]:
     return bundle, facts
 
 
+def attention_figure(bundle_dir: Path, data_dir: Path, scored_labels=None, n: int = 6):
+    """Text-to-image attention over a few test images that have clinical context; None if the
+    fusion module exposes no such map (concat, gated). Titles name the top predictions among
+    ``scored_labels`` (labels without training signal are left out)."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from medfuse_core.batching import blobs_to_images, images_to_tensor, tokenize
+    from medfuse_core.models.bundle import load_bundle
+    from pipelines import plots
+
+    bundle = load_bundle(bundle_dir)
+    table = pq.read_table(data_dir / SHARDS_DIR, columns=["split", "image", "image_size", "context"])
+    rows = table.to_pandas()
+    rows = rows[(rows["split"] == "test") & (rows["context"].str.strip() != "")].head(n)
+    if rows.empty:
+        return None
+    images = blobs_to_images(list(rows["image"]), list(rows["image_size"]))
+    tok = tokenize(bundle.tokenizer, list(rows["context"]), bundle.model_config.text.max_tokens)
+    with torch.no_grad():
+        out = bundle.model(images_to_tensor(images, bundle.image_size), **tok)
+    att = out["attention"].get("text_to_image")
+    if att is None:
+        return None
+    real = tok["attention_mask"].float()
+    amap = (att.float().sum(1) / real.sum(1, keepdim=True).clamp(min=1)).numpy()
+    grid = bundle.model.token_grid(bundle.image_size, bundle.image_size)
+    probs = torch.sigmoid(out["logits"]).numpy()
+    keep = [j for j, name in enumerate(bundle.label_names) if scored_labels is None or name in scored_labels]
+    titles = [", ".join(f"{bundle.label_names[j]} {p[j]:.2f}" for j in sorted(keep, key=lambda j: -p[j])[:2])
+              for p in probs]
+    resized = [np.asarray(images_to_tensor([im], bundle.image_size)[0, 0] * 0.25 + 0.5) for im in images]
+    return plots.attention_maps(np.stack(resized), amap.reshape(len(images), *grid), titles)
+
+
 def _run_note(result: dict) -> str:
     """A short Markdown description for the MLflow run page."""
     lines = [f"**Test split**: {result['n_test']} images. Thresholds chosen on the validation split.", "",
@@ -103,6 +138,12 @@ def run(model_ref: str, data_dir: str | Path, out: str | Path) -> dict:
         ds = ray.data.read_parquet(str(data_dir / SHARDS_DIR)).filter(expr="split != 'train'")
         scored = ds.map_batches(_Scorer, fn_constructor_kwargs={"bundle_dir": str(bundle_dir)}, batch_size=64,
                                 compute=ray.data.ActorPoolStrategy(size=1), batch_format="numpy").to_pandas()
+        figure = None
+        if facts.get("mlflow_run_id"):
+            y_all = np.stack(scored["y"].to_numpy())
+            scorable = [n for j, n in enumerate(names)
+                        if 0 < np.nansum(y_all[:, j]) < np.sum(~np.isnan(y_all[:, j]))]  # both classes seen
+            figure = attention_figure(bundle_dir, data_dir, scorable)
     parts = {}
     for split in ("validate", "test"):
         sub = scored[scored["split"] == split]
@@ -137,4 +178,6 @@ def run(model_ref: str, data_dir: str | Path, out: str | Path) -> dict:
                               "evaluation/per_label_auroc.png")
             mlflow.log_figure(plots.calibration(parts["test"]["image_text"], y, names, "Calibration (image + text)"),
                               "evaluation/calibration_image_text.png")
+            if figure is not None:
+                mlflow.log_figure(figure, "evaluation/attention_maps.png")
     return result

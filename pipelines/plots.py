@@ -55,11 +55,11 @@ def per_label_auroc(metrics_by_mode: dict[str, dict], names) -> plt.Figure:
         ax.bar(x + k * width, vals, width, label=f"{mode} (macro {m['auroc_macro']:.3f})")
     ax.set_xticks(x + width * (len(metrics_by_mode) - 1) / 2)
     ax.set_xticklabels(shown, rotation=35, ha="right", fontsize=8)
-    ax.set_ylim(0.4, 1.0)
+    ax.set_ylim(0.4, 1.02)
     ax.axhline(0.5, color="k", lw=0.6, ls="--")
     ax.set_ylabel("AUROC")
     ax.set_title("Per-label test AUROC")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower left", framealpha=0.9)
     fig.tight_layout()
     return fig
 
@@ -75,5 +75,20 @@ def calibration(probs: np.ndarray, labels: np.ndarray, names, title: str) -> plt
     ax.set_ylabel("observed frequency")
     ax.set_title(title)
     ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def attention_maps(images: np.ndarray, maps: np.ndarray, titles: list[str]) -> plt.Figure:
+    """Images with the text-to-image attention (averaged over real text tokens) overlaid."""
+    n = len(images)
+    fig, axes = plt.subplots(1, n, figsize=(3 * n, 3.4), squeeze=False)
+    for ax, image, amap, title in zip(axes[0], images, maps, titles):
+        ax.imshow(image, cmap="gray")
+        ax.imshow(amap, cmap="inferno", alpha=0.45, extent=(0, image.shape[1], image.shape[0], 0),
+                  interpolation="bilinear")
+        ax.set_title(title, fontsize=8)
+        ax.axis("off")
+    fig.suptitle("Where the clinical context looks (co-attention, text → image)")
     fig.tight_layout()
     return fig
