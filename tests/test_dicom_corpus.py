@@ -28,7 +28,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
-import dicom_fuzz_harness as harness
+from tests import dicom_fuzz_harness as harness
 from medfuse_core.dicom import (
     FRAME_POLICIES,
     MAX_FRAMES,

@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 
-import dicom_fuzz_harness as harness
+from tests import dicom_fuzz_harness as harness
 from medfuse_core.dicom import REASON_CODES, DicomDecodeError, decode_dicom, read_dataset
 
 MIN_VARIANTS = 2000
