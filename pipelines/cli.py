@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -75,6 +76,13 @@ def cmd_ingest(args) -> int:
     cfg = _ingest_config(args)
     summary = ingest.run(args.format, args.root, args.out, cfg)
     _print_ingest(summary)
+    if args.workdir or os.environ.get("MLFLOW_TRACKING_URI"):
+        from medfuse_core.config import flatten
+        from pipelines import tracking
+
+        run_id = tracking.log_ingest_run(args.workdir or args.out, summary,
+                                         flatten(cfg.model_dump(exclude={"deid"})), args.out)
+        print(f"MLflow ingest run: {run_id}")
     return 0
 
 
@@ -168,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="optional YAML with ingest settings")
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--views", default=None, help="comma-separated ViewPosition values to keep (empty: all)")
+    p.add_argument("--workdir", default=None,
+                   help="log an MLflow ingest run to this workdir's store (always when MLFLOW_TRACKING_URI is set)")
     p.add_argument("overrides", nargs="*", help="key=value settings")
     p.set_defaults(fn=cmd_ingest)
 

@@ -41,7 +41,12 @@ def run(workdir: str | Path, studies: int | None = None, seed: int = 0, override
 
     t = stage(2, "ingest on Ray Data")
     if not (data / ingest.SUMMARY_NAME).exists():
-        summary = ingest.run("mimic-cxr", corpus, data, IngestConfig(image_size=cfg.data.image_size))
+        ingest_cfg = IngestConfig(image_size=cfg.data.image_size)
+        summary = ingest.run("mimic-cxr", corpus, data, ingest_cfg)
+        from medfuse_core.config import flatten
+        from pipelines import tracking
+
+        tracking.log_ingest_run(train_dir, summary, flatten(ingest_cfg.model_dump(exclude={"deid"})), data)
     else:
         summary = ingest.load_summary(data)
         console.print(f"shards exist at {data}; reusing them")

@@ -89,6 +89,20 @@ def log_ingest(summary: dict) -> None:
                     "data/ingest_summary.json")
 
 
+def log_ingest_run(workdir: str | Path, summary: dict, params: dict, data_dir: str | Path,
+                   experiment: str = "medfuse-ingest") -> str:
+    """One MLflow run for an ingest: settings, accounting metrics, the dataset as an output."""
+    import mlflow
+
+    setup(workdir, experiment)
+    with mlflow.start_run(run_name=f"ingest-{summary['format']}") as run:
+        mlflow.set_tag("medfuse.stage", "ingest")
+        log_params_flat(params)
+        log_ingest(summary)
+        log_dataset(summary, data_dir, context="ingest")
+        return run.info.run_id
+
+
 def log_model(bundle_dir: str | Path, registered_model: str | None, input_example=None) -> Any:
     """Log a model bundle as an MLflow pyfunc model (models-from-code) and register it."""
     import mlflow

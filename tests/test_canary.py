@@ -138,7 +138,7 @@ def test_no_canary_reaches_any_output(ray_local, tiny_corpus, tmp_path, capfd, m
     out = tmp_path / "out"
     data, workdir = out / "data", out / "train"
     assert main(["ingest", "--format", "mimic-cxr", "--root", str(archive), "--out", str(data),
-                 "--image-size", "48"]) == 0
+                 "--image-size", "48", "--workdir", str(workdir)]) == 0  # with an MLflow ingest run
     assert main(["finetune", "--config", str(CPU_EXPERIMENT), "--data", str(data), "--workdir", str(workdir),
                  *TINY_OVERRIDES, "train.epochs=1"]) == 0
     assert main(["evaluate", "--model", str(workdir), "--data", str(data), "--out", str(out / "metrics.json")]) == 0

@@ -38,6 +38,8 @@ def test_quickstart_then_evaluate_by_run_and_registry(ray_local, tmp_path, capsy
     b = json.loads(by_alias.read_text())["image_text"]["auroc_macro"]
     assert a == pytest.approx(metrics["image_text"]["auroc_macro"]) and a == pytest.approx(b)
 
+    ingest_runs = mlflow.search_runs(experiment_names=["medfuse-ingest"], output_format="list")
+    assert len(ingest_runs) == 1 and ingest_runs[0].data.metrics["ingest/n_ok"] > 0
     run = mlflow.MlflowClient().get_run(facts["mlflow_run_id"])
     assert "test/image_text/auroc_macro" in run.data.metrics
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "evaluation")}
