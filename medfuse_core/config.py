@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from medfuse_core.labels import CHEXPERT_LABELS
 
@@ -25,12 +25,27 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def _registered(kind: str, name: str) -> str:
+    """Check a registry name at config time (lazy import: the registries live in models/)."""
+    from medfuse_core import models
+
+    registry = {"vision": models.VISION_ENCODERS, "fusion": models.FUSION_MODULES}[kind]
+    if name not in registry:
+        raise ValueError(f"unknown {kind} {name!r}; choose one of {registry.names()}")
+    return name
+
+
 class VisionConfig(_Section):
     """Vision encoder: a registry name and optional local weights."""
 
     name: str = "resnet18"
     weights_path: Optional[str] = None  # local .pt/.pth/.safetensors state dict
     in_channels: int = Field(1, ge=1, le=3)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        return _registered("vision", name)
 
 
 class TextConfig(_Section):
@@ -49,6 +64,11 @@ class FusionConfig(_Section):
     heads: int = Field(4, ge=1)
     layers: int = Field(1, ge=1)
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        return _registered("fusion", name)
 
     @model_validator(mode="after")
     def _heads_divide_dim(self) -> "FusionConfig":
@@ -142,6 +162,13 @@ class IngestConfig(_Section):
     min_group_for_rate: int = Field(20, ge=1)  # groups smaller than this are not rate-checked
     rows_per_shard: int = Field(512, ge=1)
     deid: DeidConfig = DeidConfig()
+
+    @model_validator(mode="after")
+    def _normalise_views(self) -> "IngestConfig":
+        clean = [v.strip().upper() for v in self.views if v.strip()]
+        if clean != self.views:
+            object.__setattr__(self, "views", clean)
+        return self
 
 
 class FinetuneConfig(_Section):

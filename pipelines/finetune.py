@@ -52,7 +52,7 @@ def _datasets(data_dir: Path):
     shards = str(data_dir / SHARDS_DIR)
     base = ray.data.read_parquet(shards)
     return {
-        "train": base.filter(expr="split == 'train'").random_shuffle(seed=0),
+        "train": base.filter(expr="split == 'train'").random_shuffle(),  # a new global order each epoch
         "validate": base.filter(expr="split == 'validate'").materialize(),
     }
 
@@ -102,7 +102,7 @@ def run(cfg: FinetuneConfig, data_dir: str | Path, workdir: str | Path) -> dict:
         if latest and latest[0]["epoch"] + 1 >= cfg.train.epochs:
             log.info("finetune: the latest checkpoint already completed %d epochs; nothing to train", cfg.train.epochs)
         else:
-            init_ray(use_gpu=cfg.scaling.use_gpu)
+            init_ray()
             if latest:
                 resume = str(latest[1])
                 log.info("finetune: resuming from epoch %d (step %d)", latest[0]["epoch"], latest[0]["global_step"])

@@ -84,14 +84,17 @@ def run(fmt: str, root: str | Path, out: str | Path, cfg: IngestConfig | None = 
     if fmt not in FORMATS:
         raise SourceError(f"--format: unknown format {fmt!r}; choose one of {sorted(FORMATS)}")
     out = Path(out)
-    if (out / SUMMARY_NAME).exists():
-        raise SourceError(f"--out: {out} already holds an ingest; choose a new folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SourceError(f"--out: {out} exists and is not an empty folder; choose a new one")
     t0 = time.time()
-    records, pre_quarantined = FORMATS[fmt](root)
+    ps = pseudonymizer_for(cfg, root)  # fails on a missing key before anything is read
+    if fmt == "manifest":
+        records, pre_quarantined = FORMATS[fmt](root, record_id_map=lambda rid: ps.pseudonym("record", rid))
+    else:
+        records, pre_quarantined = FORMATS[fmt](root)
     leaks = patients_in_several_splits(records)
     if leaks:
         raise SourceError(f"split: {len(leaks)} patients appear in more than one split; refusing a leaking split")
-    ps = pseudonymizer_for(cfg, root)
     log.info("ingest: %d records listed (%d quarantined before decoding)", len(records) + len(pre_quarantined),
              len(pre_quarantined))
 
@@ -110,6 +113,10 @@ def run(fmt: str, root: str | Path, out: str | Path, cfg: IngestConfig | None = 
                 ok.repartition(max(1, -(-ok.count() // cfg.rows_per_shard))).write_parquet(
                     str(staging / SHARDS_DIR))
             rows_meta = ds.select_columns(META_COLUMNS).to_pandas().to_dict("records")
+        processed = {r["record_id"] for r in rows_meta}
+        if len(processed) != len(records):  # every listed record must come back with an outcome
+            raise IngestHealthError(f"{len(records) - len(processed)} records came back from decoding "
+                                    "without an outcome; refusing an incomplete ingest")
         summary = summarise(rows_meta, pre_quarantined, fmt, cfg, time.time() - t0)
         summary["deid"] = {"method": DEID_METHOD, "key_id": ps.key_id, "synthetic_key": ps.synthetic}
         log.info("ingest: %d ok, %d quarantined, %d filtered; patients in several splits: %d",

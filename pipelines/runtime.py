@@ -20,12 +20,10 @@ _WORKER_ENV = {
 }
 
 
-def worker_env(use_gpu: bool) -> dict[str, str]:
-    """Environment variables for Ray workers (``runtime_env['env_vars']``)."""
-    env = dict(_WORKER_ENV)
-    if not use_gpu:
-        env["DS_ACCELERATOR"] = "cpu"
-    return env
+def worker_env() -> dict[str, str]:
+    """Environment variables for Ray workers (``runtime_env['env_vars']``); DeepSpeed's
+    accelerator is chosen per training run inside the workers."""
+    return dict(_WORKER_ENV)
 
 
 def quiet_third_party() -> None:
@@ -47,7 +45,7 @@ def quiet_third_party() -> None:
         pass
 
 
-def init_ray(use_gpu: bool = False, num_cpus: int | None = None) -> None:
+def init_ray(num_cpus: int | None = None) -> None:
     """Connect to the Ray cluster named by RAY_ADDRESS, or start a local one.
 
     Inside ``ray job submit`` the driver already has RAY_ADDRESS set and joins that cluster.
@@ -57,10 +55,8 @@ def init_ray(use_gpu: bool = False, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     quiet_third_party()
-    if not use_gpu:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     kwargs = dict(
-        runtime_env={"env_vars": worker_env(use_gpu)},
+        runtime_env={"env_vars": worker_env()},
         log_to_driver=True,
         logging_level=logging.WARNING,
         configure_logging=True,

@@ -109,27 +109,35 @@ class _MlflowSink:
             self.client.log_batch(self.run_id, metrics=batch)
 
 
-def _validate(engine, loader_fn, world: int, rank: int, n_rounds: int, make) -> tuple[np.ndarray, ...]:
-    """Strided validation over the full split: every rank runs the same number of forwards."""
+def _validate(engine, loader_fn, world: int, rank: int, make) -> tuple[np.ndarray, ...]:
+    """Strided validation over the full split (every rank reads all of it, scores its share).
+
+    Every rank runs the same number of forwards, counted from the data every rank sees, and
+    pads with a repeat of the first batch, so ZeRO-3 parameter gathers stay in step even when
+    there are fewer batches than workers.
+    """
     import torch.distributed as dist
 
     probs_txt, probs_img, labels = [], [], []
-    done = 0
-    last = None
+    done, n_batches, first = 0, 0, None
     engine.eval()
     with torch.no_grad():
         for i, rows in enumerate(loader_fn()):
+            n_batches += 1
+            if first is None:
+                first = rows
             if i % world != rank:
                 continue
             batch = make(rows)
-            last = batch
             probs_txt.append(torch.sigmoid(_forward(engine, batch, text=True)).float().cpu().numpy())
             probs_img.append(torch.sigmoid(_forward(engine, batch, text=False)).float().cpu().numpy())
             labels.append(batch["eval_labels"].numpy())
             done += 1
-        while done < n_rounds and last is not None:  # keep collectives in step (ZeRO-3)
-            _forward(engine, last, text=True)
-            _forward(engine, last, text=False)
+        n_rounds = math.ceil(n_batches / world)
+        pad = make(first) if first is not None and done < n_rounds else None
+        while done < n_rounds:
+            _forward(engine, pad, text=True)
+            _forward(engine, pad, text=False)
             done += 1
     engine.train()
     local = (np.concatenate(probs_txt) if probs_txt else None, np.concatenate(probs_img) if probs_img else None,
@@ -155,11 +163,15 @@ def _forward(engine, batch: dict, text: bool) -> torch.Tensor:
 
 def train_loop_per_worker(loop_cfg: dict) -> None:
     """Ray Train entry point; ``loop_cfg`` holds the resolved config as JSON and run facts."""
+    from medfuse_core.config import FinetuneConfig
+
+    cfg = FinetuneConfig.model_validate_json(loop_cfg["config_json"])
+    if not cfg.scaling.use_gpu:
+        os.environ["DS_ACCELERATOR"] = "cpu"  # before DeepSpeed picks its accelerator
     import deepspeed
     import ray.train
 
     from medfuse_core.batching import make_batch
-    from medfuse_core.config import FinetuneConfig
     from medfuse_core.losses import masked_bce_with_logits
     from medfuse_core.metrics import multilabel_metrics
     from medfuse_core.models import build_model, load_tokenizer
@@ -168,7 +180,6 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     from pipelines.runtime import quiet_third_party
 
     quiet_third_party()
-    cfg = FinetuneConfig.model_validate_json(loop_cfg["config_json"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.train.seed + rank)
@@ -188,7 +199,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
         config=deepspeed_config(cfg, cfg.scaling.use_gpu))
 
-    state = {"epoch": -1, "global_step": 0, "best_score": -1.0}
+    state = {"epoch": -1, "global_step": 0, "world_size": world}
     # Ray's own restore (worker restart) wins; else the driver's pick from an earlier run in this workdir
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and loop_cfg.get("resume_from"):
@@ -209,8 +220,6 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("validate")
-    n_val_batches = math.ceil(loop_cfg["n_validate"] / cfg.train.batch_size)
-    n_rounds = math.ceil(n_val_batches / world)
     global_bs = cfg.train.batch_size * world
 
     for epoch in range(state["epoch"] + 1, cfg.train.epochs):
@@ -243,7 +252,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         train_seconds = time.time() - t_epoch
 
         val_loader = lambda: val_shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy")
-        p_txt, p_img, y = _validate(engine, val_loader, world, rank, n_rounds, make)
+        p_txt, p_img, y = _validate(engine, val_loader, world, rank, make)
         m_txt = multilabel_metrics(p_txt, y, labels)
         m_img = multilabel_metrics(p_img, y, labels)
         score = m_txt["auroc_macro"] if m_txt["auroc_macro"] == m_txt["auroc_macro"] else 0.0
@@ -266,10 +275,11 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
                   f"(image-only {m_img['auroc_macro']:.3f})  {metrics['perf/epoch_samples_per_sec']:.1f} samples/s",
                   flush=True)
         state["epoch"] = epoch
-        state["best_score"] = max(state["best_score"], score)
         state["score"] = score
 
-        weights = consolidated_state_dict(engine, cfg.deepspeed.zero_stage)
+        # ZeRO-3 gathers on every rank (a collective); below it only rank 0 needs a copy
+        weights = (consolidated_state_dict(engine, cfg.deepspeed.zero_stage)
+                   if cfg.deepspeed.zero_stage == 3 or rank == 0 else None)
         with tempfile.TemporaryDirectory() as tmp:
             engine.save_checkpoint(tmp, tag=DS_TAG, exclude_frozen_parameters=True)
             if rank == 0:

@@ -109,6 +109,24 @@ def test_manifest_format(ray_local, tiny_corpus, tmp_path, monkeypatch):
     assert (shards.groupby("patient_id")["split"].nunique() == 1).all()
     assert shards["patient_id"].str.startswith("P-").all()  # keyed pseudonyms, not the source ids
     assert not set(shards["patient_id"]) & set(split["subject_id"])
+    assert not set(shards["record_id"]) & set(split["dicom_id"])  # user ids pseudonymised too
+
+
+def test_manifest_cells_are_checked_not_trusted(ray_local, tiny_corpus, tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDFUSE_DEID_KEY", "5e" * 32)
+    split = pd.read_csv(tiny_corpus / "mimic-cxr-2.0.0-split.csv", dtype=str).head(4)
+    paths = {p.stem: str(p) for p in (tiny_corpus / "files").rglob("*.dcm")}
+    rows = [{"record_id": None, "study_id": r.study_id, "patient_id": r.subject_id,
+             "image_path": paths[r.dicom_id], "report": "", "Cardiomegaly": "1"} for r in split.itertuples()]
+    rows[1]["record_id"] = None  # blank ids fall back to distinct row numbers, not one "nan"
+    rows[2]["Cardiomegaly"] = "u"  # not a label value
+    rows[3]["patient_id"] = None
+    manifest = tmp_path / "m.csv"
+    pd.DataFrame(rows).to_csv(manifest, index=False)
+    summary = ingest.run("manifest", manifest, tmp_path / "d", IngestConfig(image_size=32, views=[]))
+    assert summary["n_records"] == 4
+    assert summary["quarantine_by_reason"] == {"bad_label_value": 1, "missing_patient_id": 1}
+    assert summary["n_ok"] == 2
 
 
 def test_real_archive_without_a_key_is_refused(ray_local, tiny_corpus, tmp_path, monkeypatch, capsys):
@@ -140,7 +158,8 @@ def test_leaking_split_is_refused(ray_local, tiny_corpus, tmp_path, capsys):
     assert not (tmp_path / "d").exists()
 
 
-def test_bad_manifests_fail_clearly(tmp_path, capsys):
+def test_bad_manifests_fail_clearly(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MEDFUSE_DEID_KEY", "5e" * 32)
     empty = tmp_path / "empty.csv"
     pd.DataFrame(columns=["study_id", "patient_id", "image_path", "report"]).to_csv(empty, index=False)
     with pytest.raises(SourceError, match="no rows"):

@@ -12,6 +12,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from medfuse_core.config import IngestConfig
+from medfuse_core.deid import Pseudonymizer, load_key
 from medfuse_core.dicom import REASON_CODES
 from pipelines import ingest
 from tests import dicom_fuzz_harness as harness
@@ -39,7 +40,9 @@ def test_pydicom_corpus_through_manifest_ingest(ray_local, tmp_path, monkeypatch
     outcomes = [q["record_id"] for q in summary["quarantine"]] + [f["record_id"] for f in summary["filtered"]]
     shards = pq.read_table(tmp_path / "data" / "shards").to_pandas()
     outcomes += sorted(set(shards["record_id"]))
-    assert sorted(outcomes) == sorted(manifest["record_id"]), "each file has exactly one outcome"
+    ps = Pseudonymizer(load_key())  # user-supplied record ids are stored as keyed pseudonyms
+    expected = sorted(ps.pseudonym("record", rid) for rid in manifest["record_id"])
+    assert sorted(outcomes) == expected, "each file has exactly one outcome"
     assert "internal_error" not in summary["quarantine_by_reason"]
     allowed = set(REASON_CODES) | {"burned_in_annotation", "missing_file"}
     assert set(summary["quarantine_by_reason"]) <= allowed
