@@ -31,13 +31,8 @@ _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
 
 def pixels_to_bytes(pixels: np.ndarray) -> bytes:
-    """Store a [0,1] float image compactly (float16, C order)."""
+    """Store a [0,1] float image compactly (float16, C order); ``batching.blobs_to_images`` reads it."""
     return np.ascontiguousarray(pixels, dtype=np.float16).tobytes()
-
-
-def bytes_to_pixels(blob: bytes, size: int) -> np.ndarray:
-    """Inverse of :func:`pixels_to_bytes` as float32 [size, size]."""
-    return np.frombuffer(blob, dtype=np.float16).reshape(size, size).astype(np.float32)
 
 
 def _ids(rec: dict, ps: Pseudonymizer) -> dict:

@@ -17,6 +17,7 @@ import numpy as np
 
 from medfuse_core.metrics import choose_thresholds, multilabel_metrics
 from pipelines import tracking
+from medfuse_core.sources import SourceError
 from pipelines.ingest import SHARDS_DIR, load_summary
 
 log = logging.getLogger("medfuse")
@@ -139,7 +140,8 @@ def run(model_ref: str, data_dir: str | Path, out: str | Path) -> dict:
         scored = ds.map_batches(_Scorer, fn_constructor_kwargs={"bundle_dir": str(bundle_dir)}, batch_size=64,
                                 compute=ray.data.ActorPoolStrategy(size=1), batch_format="numpy").to_pandas()
         figure = None
-        if facts.get("mlflow_run_id"):
+        # the maps show patient images: only into a store on this machine, never a shared server
+        if facts.get("mlflow_run_id") and tracking.is_local_store(facts.get("tracking_uri") or mlflow.get_tracking_uri()):
             y_all = np.stack(scored["y"].to_numpy())
             scorable = [n for j, n in enumerate(names)
                         if 0 < np.nansum(y_all[:, j]) < np.sum(~np.isnan(y_all[:, j]))]  # both classes seen
@@ -150,7 +152,7 @@ def run(model_ref: str, data_dir: str | Path, out: str | Path) -> dict:
         parts[split] = {k: np.stack(sub[k].to_numpy()) if len(sub) else np.zeros((0, len(names)))
                         for k in ("y",) + MODES}
     if len(parts["test"]["y"]) == 0:
-        raise ValueError("--data: the test split is empty")
+        raise SourceError("--data: the test split is empty")
     result = {"model": model_ref, "n_test": int(len(parts["test"]["y"])), "label_names": names}
     for mode in MODES:
         thresholds = choose_thresholds(parts["validate"][mode], parts["validate"]["y"])

@@ -18,15 +18,23 @@ import shutil
 import time
 from pathlib import Path
 
-from medfuse_core.config import FinetuneConfig, flatten
+from medfuse_core.config import ConfigError, FinetuneConfig, flatten
 from medfuse_core.sources import SourceError
 from pipelines import tracking
 from pipelines.ingest import SHARDS_DIR, load_summary
-from pipelines.train_loop import BUNDLE_DIR, TRAIN_STATE, train_loop_per_worker
+from pipelines.train_loop import BUNDLE_DIR, DS_TAG, TRAIN_STATE, train_loop_per_worker
 
 log = logging.getLogger("medfuse")
 
 STATE_FILE = "finetune.json"
+
+
+def _complete(state: dict, folder: Path) -> bool:
+    """Rank 0's bundle and state, and every rank's DeepSpeed optimizer shard, arrived."""
+    if not (folder / BUNDLE_DIR / "medfuse_model.json").is_file():
+        return False
+    shards = list((folder / DS_TAG).glob("*optim_states.pt"))
+    return len(shards) >= int(state.get("world_size", 1))
 
 
 def find_checkpoints(workdir: Path) -> list[tuple[dict, Path]]:
@@ -37,9 +45,18 @@ def find_checkpoints(workdir: Path) -> list[tuple[dict, Path]]:
             state = json.loads(state_file.read_text())
         except (OSError, ValueError):
             continue
-        if (state_file.parent / BUNDLE_DIR).is_dir():
+        if _complete(state, state_file.parent):
             found.append((state, state_file.parent))
     return sorted(found, key=lambda item: item[0]["global_step"])
+
+
+RESUMABLE_CHANGES = ("train.epochs", "train.log_every_steps")
+
+
+def config_changes(previous: dict, cfg: FinetuneConfig) -> list[str]:
+    """Dotted keys whose values differ from the run being resumed (epochs may grow)."""
+    old, new = flatten(previous), flatten(cfg)
+    return sorted(k for k in set(old) | set(new) if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k))
 
 
 def _datasets(data_dir: Path):
@@ -81,10 +98,15 @@ def run(cfg: FinetuneConfig, data_dir: str | Path, workdir: str | Path) -> dict:
     facts_path = workdir / STATE_FILE
     facts = json.loads(facts_path.read_text()) if facts_path.exists() else {}
 
-    uri = tracking.tracking_uri(workdir)
-    tracking.setup(workdir, cfg.tracking.experiment)
     checkpoints = find_checkpoints(workdir)
     latest = checkpoints[-1] if checkpoints else None
+    if latest and facts.get("config"):
+        changed = config_changes(facts["config"], cfg)
+        if changed:
+            raise ConfigError(f"--workdir: resuming a run trained with other settings ({', '.join(changed)}); "
+                              "use a new workdir, or the original values")
+    uri = tracking.tracking_uri(workdir)
+    tracking.setup(workdir, cfg.tracking.experiment)
     run_id = facts.get("mlflow_run_id") if latest else None
 
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else cfg.name) as active:
@@ -101,6 +123,8 @@ def run(cfg: FinetuneConfig, data_dir: str | Path, workdir: str | Path) -> dict:
         resume = None
         if latest and latest[0]["epoch"] + 1 >= cfg.train.epochs:
             log.info("finetune: the latest checkpoint already completed %d epochs; nothing to train", cfg.train.epochs)
+            if facts.get("model_uri"):
+                return facts  # already logged and registered: no duplicate model version
         else:
             init_ray()
             if latest:

@@ -27,7 +27,8 @@ def tracking_uri(workdir: str | Path) -> str:
     return f"sqlite:///{db}"
 
 
-def _is_local_store(uri: str) -> bool:
+def is_local_store(uri: str) -> bool:
+    """True for stores on this machine (SQLite, files), False for a tracking server."""
     return uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri
 
 
@@ -42,7 +43,7 @@ def setup(workdir: str | Path, experiment: str) -> str:
     exp = mlflow.get_experiment_by_name(experiment)
     if exp is None:
         artifact_location = None
-        if _is_local_store(uri):
+        if is_local_store(uri):
             artifact_location = (Path(workdir).resolve() / "mlartifacts").as_uri()
         exp_id = mlflow.create_experiment(experiment, artifact_location=artifact_location)
     else:

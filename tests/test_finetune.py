@@ -54,3 +54,26 @@ def test_rerun_resumes_from_last_checkpoint(first_run, tiny_data):
     run = mlflow.MlflowClient(facts["tracking_uri"]).get_run(facts["mlflow_run_id"])
     assert run.data.tags["medfuse.resumed_from_step"] == str(before)
     assert json.loads((workdir / "finetune.json").read_text())["mlflow_run_id"] == facts["mlflow_run_id"]
+
+
+def test_resume_refuses_changed_settings(first_run, tiny_data):
+    from medfuse_core.config import ConfigError
+
+    workdir, _ = first_run
+    cfg = load_config(CPU_EXPERIMENT, TINY_OVERRIDES + ["train.lr=0.01"])
+    with pytest.raises(ConfigError, match="train.lr"):
+        finetune.run(cfg, tiny_data, workdir)
+
+
+def test_zero3_with_fewer_validation_batches_than_workers(tiny_data, tmp_path):
+    """ZeRO-3 gathers parameters in every forward: a rank with no validation batch must pad, not hang."""
+    cfg = load_config(CPU_EXPERIMENT, TINY_OVERRIDES + ["deepspeed.zero_stage=3", "train.batch_size=16",
+                                                        "train.epochs=1"])
+    summary = json.loads((tiny_data / "ingest_summary.json").read_text())
+    assert summary["splits"]["validate"] <= cfg.train.batch_size  # one validation batch for two workers
+    facts = finetune.run(cfg, tiny_data, tmp_path / "w")
+    assert facts["best_epoch"] == 0
+    from medfuse_core.models.bundle import load_bundle
+
+    bundle = load_bundle(tmp_path / "w" / "model")  # consolidated ZeRO-3 weights load into a full model
+    assert bundle.model.num_labels == 14

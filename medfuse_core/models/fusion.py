@@ -137,16 +137,38 @@ class CrossAttentionBlock(nn.Module):
         return x, weights
 
 
+class NullToken(nn.Module):
+    """The learned null text embedding as its own module.
+
+    Reaching the parameter through a module call (whose output is a plain tensor) lets
+    DeepSpeed ZeRO-3 gather it again for the backward pass; a parameter read directly by a
+    module that returns a dataclass would be left partitioned.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.null_text = _null_parameter(dim)
+
+    def forward(self, batch: int, dtype: torch.dtype) -> torch.Tensor:
+        """``[batch, 1, dim]``."""
+        return self.null_text.to(dtype).expand(batch, -1, -1)
+
+
 class _NullTextFusion(nn.Module):
     """Holds the learned null text embedding and the helpers built on it."""
 
     def _init_null(self, dim: int) -> None:
-        self.null_text = _null_parameter(dim)
+        self.null = NullToken(dim)
+
+    @property
+    def null_text(self) -> nn.Parameter:
+        """The null embedding parameter ``[1, 1, dim]``."""
+        return self.null.null_text
 
     def _with_null(self, txt: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Prepend the never-masked null token: ``[B, 1+Nt, D]``, ``[B, 1+Nt]``."""
         b = txt.shape[0]
-        null = self.null_text.to(txt.dtype).expand(b, -1, -1)
+        null = self.null(b, txt.dtype)
         keep = torch.ones(b, 1, dtype=torch.bool, device=mask.device)
         return torch.cat([null, txt], dim=1), torch.cat([keep, mask], dim=1)
 
@@ -180,7 +202,7 @@ class ConcatFusion(_NullTextFusion):
     ) -> FusionOutput:
         """See module docstring."""
         txt, mask = _prepare_text(txt_tokens, txt_mask)
-        null = self.null_text[:, 0].to(txt.dtype).expand(txt.shape[0], -1)
+        null = self.null(txt.shape[0], txt.dtype)[:, 0]
         pooled = torch.cat([img_tokens.mean(dim=1), self._pool_text(txt, mask, null)], dim=-1)
         return FusionOutput(self.mlp(pooled), {})
 
@@ -208,7 +230,7 @@ class GatedFusion(_NullTextFusion):
     ) -> FusionOutput:
         """See module docstring."""
         txt, mask = _prepare_text(txt_tokens, txt_mask)
-        null = self.null_text[:, 0].to(txt.dtype).expand(txt.shape[0], -1)
+        null = self.null(txt.shape[0], txt.dtype)[:, 0]
         img_p = self.norm_img(img_tokens.mean(dim=1))
         txt_p = self.norm_txt(self._pool_text(txt, mask, null))
         z = torch.sigmoid(self.gate(torch.cat([img_p, txt_p], dim=-1)))
