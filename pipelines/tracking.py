@@ -38,15 +38,16 @@ def setup(workdir: str | Path, experiment: str) -> str:
 
     uri = tracking_uri(workdir)
     Path(workdir).mkdir(parents=True, exist_ok=True)
-    user_env = os.environ.get("MLFLOW_TRACKING_URI")
+    user_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI; keep the user's setting (or its
+    # mlflow also exports both URIs to the environment; keep the user's settings (or their
     # absence) so a later stage with another workdir does not inherit this store
-    if user_env is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = user_env
+    for key, value in user_env.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
     exp = mlflow.get_experiment_by_name(experiment)
     if exp is None:
         artifact_location = None
