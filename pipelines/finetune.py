@@ -59,7 +59,7 @@ def config_changes(previous: dict, cfg: FinetuneConfig) -> list[str]:
     return sorted(k for k in set(old) | set(new) if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k))
 
 
-def _datasets(data_dir: Path):
+def _datasets(data_dir: Path, seed: int):
     """Train (streamed, re-read each epoch) and validate (small: materialised once) datasets."""
     import ray
 
@@ -69,7 +69,8 @@ def _datasets(data_dir: Path):
     shards = str(data_dir / SHARDS_DIR)
     base = ray.data.read_parquet(shards)
     return {
-        "train": base.filter(expr="split == 'train'").random_shuffle(),  # a new global order each epoch
+        "train": base.filter(expr="split == 'train'").random_shuffle(seed=seed),  # reproducible; the
+        # workers' local shuffle buffers (seeded per epoch and rank) vary the order between epochs
         "validate": base.filter(expr="split == 'validate'").materialize(),
     }
 
@@ -144,7 +145,7 @@ def run(cfg: FinetuneConfig, data_dir: str | Path, workdir: str | Path) -> dict:
                     checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_auroc_macro",
                                                        checkpoint_score_order="max"),
                 ),
-                datasets=_datasets(data_dir),
+                datasets=_datasets(data_dir, cfg.train.seed),
                 dataset_config=DataConfig(datasets_to_split=["train"]),
             )
             trainer.fit()

@@ -228,7 +228,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         t_window, n_window, losses = time.time(), 0, []
         step_in_epoch = 0
         for rows in train_shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy",
-                                             drop_last=True, local_shuffle_buffer_size=4 * cfg.train.batch_size,
+                                             drop_last=True, local_shuffle_buffer_size=16 * cfg.train.batch_size,
                                              local_shuffle_seed=cfg.train.seed + epoch + 1000 * rank):
             if step_in_epoch >= steps_per_epoch:
                 break  # equal step counts on every rank keep DeepSpeed collectives in step
