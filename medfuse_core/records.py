@@ -22,6 +22,7 @@ from medfuse_core.config import IngestConfig
 from medfuse_core.deid import Pseudonymizer, deidentify, has_burned_in_annotation, pseudonymize_record_ids
 from medfuse_core.dicom import DicomDecodeError, decode_dicom, frame_indices, read_dataset
 from medfuse_core.reports import clinical_context
+from medfuse_core.sources import safe_code
 
 ROW_FIELDS = ("record_id", "image_id", "frame", "study_id", "patient_id", "split", "view", "modality",
               "transfer_syntax", "image", "image_size", "image_sha1", "context", "report", "labels", "header",
@@ -63,12 +64,6 @@ def _read_report(rec: dict) -> str | None:
         return None
 
 
-def _code(ds, keyword: str) -> str:
-    """A code-string header value safe to keep (modality, view): upper-case letters/digits only."""
-    value = str(ds.get(keyword, "") or "").strip().upper()
-    return value if value.replace("_", "").replace(" ", "").isalnum() and len(value) <= 16 else ""
-
-
 def process_record(rec: dict, cfg: IngestConfig, ps: Pseudonymizer) -> list[dict]:
     """Decode, filter, de-identify and pair one record with its report; never raises."""
     try:
@@ -86,12 +81,13 @@ def _process(rec: dict, cfg: IngestConfig, ps: Pseudonymizer) -> list[dict]:
         return [_row(rec, ps, "quarantined", err.reason)]
     meta = getattr(ds, "file_meta", None)
     tsyntax = str(getattr(meta, "TransferSyntaxUID", "") or "") if meta is not None else ""
-    facts = {"modality": _code(ds, "Modality"), "transfer_syntax": tsyntax if tsyntax.replace(".", "").isdigit() else ""}
+    facts = {"modality": safe_code(ds.get("Modality")),
+             "transfer_syntax": tsyntax if tsyntax.replace(".", "").isdigit() else ""}
     if not any(k in ds for k in _PIXEL_KEYWORDS) and "Rows" not in ds:
         return [_row(rec, ps, "filtered", "non_image_object", **facts)]
     if cfg.quarantine_burned_in and has_burned_in_annotation(ds):
         return [_row(rec, ps, "quarantined", "burned_in_annotation", **facts)]
-    view = _code(ds, "ViewPosition") or str(rec.get("view_hint") or "").upper()
+    view = safe_code(ds.get("ViewPosition")) or str(rec.get("view_hint") or "").upper()
     facts["view"] = view
     if cfg.views and view not in {v.upper() for v in cfg.views}:
         return [_row(rec, ps, "filtered", "view_not_selected", **facts)]

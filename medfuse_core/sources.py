@@ -51,8 +51,8 @@ def _text(value) -> str | None:
     return text or None
 
 
-def _view(value) -> str:
-    """A view code (PA, AP, LATERAL, ...) safe to keep: short, letters/digits only; else ""."""
+def safe_code(value) -> str:
+    """A DICOM-style code (PA, LATERAL, DX, ...) safe to keep: short, letters/digits only; else ""."""
     text = (_text(value) or "").upper()
     return text if text.replace(" ", "").replace("_", "").isalnum() and len(text) <= 16 else ""
 
@@ -134,7 +134,7 @@ def mimic_cxr_records(root: str | Path) -> tuple[list[dict], list[dict]]:
             "report_path": str(root / "files" / sub / f"s{study}.txt"),
             "report": "",
             "labels": labels_row,
-            "view_hint": _view(views.get(dicom_id)),
+            "view_hint": safe_code(views.get(dicom_id)),
         })
     for dicom_id in sorted(set(on_disk) - listed):
         quarantined.append({"record_id": dicom_id, "reason": "not_in_split_index"})
@@ -206,7 +206,7 @@ def manifest_records(path: str | Path, record_id_map: Callable[[str], str] | Non
             "report_path": "",
             "report": report if isinstance(report, str) else "",
             "labels": labels,
-            "view_hint": _view(row.get("view")),
+            "view_hint": safe_code(row.get("view")),
         })
     return records, quarantined
 

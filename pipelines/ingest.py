@@ -109,8 +109,9 @@ def run(fmt: str, root: str | Path, out: str | Path, cfg: IngestConfig | None = 
             ds = ds.map_batches(_process_batch, fn_kwargs={"cfg_json": cfg.model_dump_json(), "ps": ps},
                                 batch_size=16, batch_format="numpy").materialize()
             ok = ds.filter(expr="status == 'ok'").drop_columns(["status", "reason"])
-            if ok.count():
-                ok.repartition(max(1, -(-ok.count() // cfg.rows_per_shard))).write_parquet(
+            n_ok = ok.count()
+            if n_ok:
+                ok.repartition(max(1, -(-n_ok // cfg.rows_per_shard))).write_parquet(
                     str(staging / SHARDS_DIR))
             rows_meta = ds.select_columns(META_COLUMNS).to_pandas().to_dict("records")
         processed = {r["record_id"] for r in rows_meta}

@@ -6,7 +6,7 @@ import json
 import time
 from pathlib import Path
 
-from medfuse_core.config import FinetuneConfig, load_config
+from medfuse_core.config import FinetuneConfig, IngestConfig, flatten, load_config
 
 DEFAULT_STUDIES = 1000
 
@@ -16,9 +16,8 @@ def run(workdir: str | Path, studies: int | None = None, seed: int = 0, override
     from rich.console import Console
 
     from medfuse_core.synth import generate_corpus
-    from pipelines import evaluate, finetune, ingest
+    from pipelines import evaluate, finetune, ingest, tracking
     from pipelines.cli import _print_ingest, _print_results, _with_progress
-    from medfuse_core.config import IngestConfig
 
     console = Console()
     cfg = load_config(config, list(overrides), schema=FinetuneConfig)  # validate before any work
@@ -43,9 +42,6 @@ def run(workdir: str | Path, studies: int | None = None, seed: int = 0, override
     if not (data / ingest.SUMMARY_NAME).exists():
         ingest_cfg = IngestConfig(image_size=cfg.data.image_size)
         summary = ingest.run("mimic-cxr", corpus, data, ingest_cfg)
-        from medfuse_core.config import flatten
-        from pipelines import tracking
-
         tracking.log_ingest_run(train_dir, summary, flatten(ingest_cfg.model_dump(exclude={"deid"})), data)
     else:
         summary = ingest.load_summary(data)
