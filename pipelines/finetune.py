@@ -21,8 +21,9 @@ from pathlib import Path
 from medfuse_core.config import ConfigError, FinetuneConfig, flatten
 from medfuse_core.sources import SourceError
 from pipelines import tracking
-from pipelines.ingest import SHARDS_DIR, load_summary
-from pipelines.train_loop import BUNDLE_DIR, DS_TAG, TRAIN_STATE, train_loop_per_worker
+from pipelines.ingest import load_summary
+from pipelines.shards import DIAGNOSIS_COLUMNS, read_split
+from pipelines.train_loop import BUNDLE_DIR, RANKS_DIR, TRAIN_STATE, train_loop_per_worker
 
 log = logging.getLogger("medfuse")
 
@@ -30,11 +31,24 @@ STATE_FILE = "finetune.json"
 
 
 def _complete(state: dict, folder: Path) -> bool:
-    """Rank 0's bundle and state, and every rank's DeepSpeed optimizer shard, arrived."""
+    """Rank 0's bundle and state, and every rank's manifest with every file it lists, arrived.
+
+    Each rank writes its manifest after DeepSpeed's save returned, listing the files it wrote
+    with their sizes: a checkpoint cut short by a crash lacks a manifest or a file and is skipped.
+    """
     if not (folder / BUNDLE_DIR / "medfuse_model.json").is_file():
         return False
-    shards = list((folder / DS_TAG).glob("*optim_states.pt"))
-    return len(shards) >= int(state.get("world_size", 1))
+    for rank in range(int(state.get("world_size", 1))):
+        manifest = folder / RANKS_DIR / f"rank-{rank}.json"
+        try:
+            files = json.loads(manifest.read_text())["files"]
+        except (OSError, ValueError, KeyError):
+            return False
+        for rel, size in files.items():
+            f = folder / rel
+            if not f.is_file() or f.stat().st_size != size:
+                return False
+    return True
 
 
 def find_checkpoints(workdir: Path) -> list[tuple[dict, Path]]:
@@ -59,20 +73,57 @@ def config_changes(previous: dict, cfg: FinetuneConfig) -> list[str]:
     return sorted(k for k in set(old) | set(new) if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k))
 
 
-def _datasets(data_dir: Path, seed: int):
-    """Train (streamed, re-read each epoch) and validate (small: materialised once) datasets."""
-    import ray
+def _datasets(data_dir: Path, cfg: FinetuneConfig):
+    """Train (streamed, a new order every epoch) and validate (streamed) datasets, labelled rows
+    and the diagnosis columns only.
+
+    ``train.shuffle``: ``files`` (default) reads the shard files in a new seeded order every
+    epoch and workers mix rows in a local shuffle buffer; nothing is moved between workers and
+    memory stays flat, at the price of a shuffle only as good as the buffer (ingest writes
+    studies in a seeded random order, so each file is already a random sample). ``full`` adds
+    Ray's all-to-all ``random_shuffle`` of the projected columns, reseeded every epoch: an
+    exact shuffle that moves every image through the object store each epoch.
+    """
+    from ray.data._internal.random_config import RandomSeedConfig
 
     from pipelines.runtime import quiet_data_progress
 
     quiet_data_progress()
-    shards = str(data_dir / SHARDS_DIR)
-    base = ray.data.read_parquet(shards)
-    return {
-        "train": base.filter(expr="split == 'train'").random_shuffle(seed=seed),  # reproducible; the
-        # workers' local shuffle buffers (seeded per epoch and rank) vary the order between epochs
-        "validate": base.filter(expr="split == 'validate'").materialize(),
-    }
+    seed = cfg.train.seed
+    train = read_split(data_dir, "train", DIAGNOSIS_COLUMNS, labelled_only=True, shuffle_seed=seed)
+    if cfg.train.shuffle == "full":
+        train = train.random_shuffle(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
+    return {"train": train,
+            "validate": read_split(data_dir, "validate", DIAGNOSIS_COLUMNS, labelled_only=True)}
+
+
+def check_data(cfg: FinetuneConfig, summary: dict) -> tuple[int, int]:
+    """Refuse data that cannot train this config; returns the labelled (train, validate) image counts."""
+    labelled = summary.get("labelled_images_per_split", summary["splits"])
+    n_train, n_val = labelled.get("train", 0), labelled.get("validate", 0)
+    if n_train < cfg.scaling.num_workers * cfg.train.batch_size:
+        raise SourceError(f"--data: {n_train} labelled training images are too few for "
+                          f"scaling.num_workers x train.batch_size = {cfg.scaling.num_workers * cfg.train.batch_size}")
+    if n_val == 0:
+        raise SourceError("--data: the validate split has no labelled images")
+    positives = summary.get("label_positives", {}).get("train", {})
+    if not any(positives.get(name, 0) for name in cfg.data.labels):
+        raise SourceError("--data: none of the configured labels (data.labels) has a positive example in the "
+                          "train split, so there is nothing to learn; check the label table the data was "
+                          "ingested from (ingest_summary.json: label_positives)")
+    missing = [name for name in cfg.data.labels if not positives.get(name, 0)]
+    if missing:
+        log.warning("finetune: %d configured labels have no positive in the train split: %s",
+                    len(missing), ", ".join(missing))
+    stored = summary["image_size"]
+    if cfg.data.image_size > stored and not cfg.data.allow_resize:
+        raise ConfigError(f"data.image_size: {cfg.data.image_size} is larger than the {stored}-px images the "
+                          f"shards hold; ingest again with `medfuse ingest ... --image-size {cfg.data.image_size}`, "
+                          "or set data.allow_resize=true to train on upsampled images")
+    if cfg.data.image_size != stored:
+        log.warning("finetune: shards hold %d-px images; data.image_size=%d resizes them on the fly",
+                    stored, cfg.data.image_size)
+    return n_train, n_val
 
 
 def run(cfg: FinetuneConfig, data_dir: str | Path, workdir: str | Path) -> dict:
@@ -86,15 +137,7 @@ def run(cfg: FinetuneConfig, data_dir: str | Path, workdir: str | Path) -> dict:
 
     data_dir, workdir = Path(data_dir), Path(workdir).resolve()
     summary = load_summary(data_dir)
-    n_train, n_val = summary["splits"].get("train", 0), summary["splits"].get("validate", 0)
-    if n_train < cfg.scaling.num_workers * cfg.train.batch_size:
-        raise SourceError(f"--data: {n_train} training images are too few for "
-                          f"scaling.num_workers x train.batch_size = {cfg.scaling.num_workers * cfg.train.batch_size}")
-    if n_val == 0:
-        raise SourceError("--data: the validate split is empty")
-    if summary["image_size"] != cfg.data.image_size:
-        log.warning("shards hold %dpx images; data.image_size=%d resizes them on the fly",
-                    summary["image_size"], cfg.data.image_size)
+    n_train, n_val = check_data(cfg, summary)
     workdir.mkdir(parents=True, exist_ok=True)
     facts_path = workdir / STATE_FILE
     facts = json.loads(facts_path.read_text()) if facts_path.exists() else {}
@@ -106,6 +149,9 @@ def run(cfg: FinetuneConfig, data_dir: str | Path, workdir: str | Path) -> dict:
         if changed:
             raise ConfigError(f"--workdir: resuming a run trained with other settings ({', '.join(changed)}); "
                               "use a new workdir, or the original values")
+        if facts.get("data_digest") and facts["data_digest"] != summary["digest"]:
+            raise SourceError("--data: this is not the dataset the run in --workdir trained on (its digest "
+                              "differs); pass the original --data, or use a new workdir")
     uri = tracking.tracking_uri(workdir)
     tracking.setup(workdir, cfg.tracking.experiment)
     run_id = facts.get("mlflow_run_id") if latest else None
@@ -118,7 +164,8 @@ def run(cfg: FinetuneConfig, data_dir: str | Path, workdir: str | Path) -> dict:
             tracking.log_dataset(summary, data_dir, context="training")
             tracking.log_ingest(summary)
         facts.update({"mlflow_run_id": run_id, "experiment": cfg.tracking.experiment, "tracking_uri": uri,
-                      "data_dir": str(data_dir.resolve()), "config": cfg.model_dump()})
+                      "data_dir": str(data_dir.resolve()), "data_digest": summary["digest"],
+                      "config": cfg.model_dump()})
         facts_path.write_text(json.dumps(facts, indent=2))
 
         resume = None
@@ -145,7 +192,7 @@ def run(cfg: FinetuneConfig, data_dir: str | Path, workdir: str | Path) -> dict:
                     checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_auroc_macro",
                                                        checkpoint_score_order="max"),
                 ),
-                datasets=_datasets(data_dir, cfg.train.seed),
+                datasets=_datasets(data_dir, cfg),
                 dataset_config=DataConfig(datasets_to_split=["train"]),
             )
             trainer.fit()

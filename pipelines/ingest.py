@@ -1,10 +1,11 @@
 """Ingest on Ray Data: raw DICOM + reports -> decoded Parquet shards + an accounting summary.
 
-Output (written to a temporary folder and moved into place at the end, so a failed run leaves
-nothing half-written)::
-
-    DATA/shards/*.parquet        one row per ok image (see medfuse_core.records.ROW_FIELDS)
-    DATA/ingest_summary.json     counts, per-reason quarantine, splits, digest, quarantine rows
+One streaming pass: records flow decode -> de-identify -> Parquet a few at a time, without
+materialising the dataset or repartitioning it before the first write. The map step writes
+each batch's outcome rows (ids and reason codes only: no pixels, no text) to a small side
+table as it goes and hands only the ok rows on to ``write_parquet``, partitioned by split.
+Everything is written to a temporary folder and moved into place at the end, so a failed or
+stopped run leaves nothing (layout: :mod:`pipelines.shards`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 import shutil
 import tempfile
 import time
@@ -25,13 +27,38 @@ from medfuse_core.labels import CHEXPERT_LABELS
 from medfuse_core.records import process_record
 from medfuse_core.sources import FORMATS, SourceError, patients_in_several_splits
 from medfuse_core.synth import SYNTHETIC_MARKER
+from pipelines.shards import OUTCOMES_DIR, SHARDS_DIR
 
 log = logging.getLogger("medfuse")
 
 SUMMARY_NAME = "ingest_summary.json"
-SHARDS_DIR = "shards"
-META_COLUMNS = ["record_id", "image_id", "patient_id", "split", "view", "modality", "transfer_syntax", "status",
-                "reason", "image_sha1", "labels", "deid_audit"]
+__all__ = ["run", "load_summary", "IngestHealthError", "SUMMARY_NAME", "SHARDS_DIR", "OUTCOMES_DIR"]
+
+_BATCH = 16  # records per map task call: small, so a task holds a few decoded images at a time
+
+
+def _schemas():
+    """Arrow schemas of a shard row and an outcome row (fixed, so empty batches still type-check)."""
+    import pyarrow as pa
+
+    common = [("record_id", pa.string()), ("image_id", pa.string()), ("patient_id", pa.string()),
+              ("split", pa.string()), ("view", pa.string()), ("modality", pa.string()),
+              ("transfer_syntax", pa.string()), ("image_sha1", pa.string()),
+              ("labels", pa.list_(pa.float32())), ("labelled", pa.bool_()), ("context_status", pa.string()),
+              ("deid_audit", pa.string())]
+    shard = pa.schema(common + [("frame", pa.int32()), ("study_id", pa.string()), ("image", pa.binary()),
+                                ("image_size", pa.int32()), ("context", pa.string()), ("report", pa.string()),
+                                ("header", pa.string())])
+    outcome = pa.schema(common + [("status", pa.string()), ("reason", pa.string())])
+    return shard, outcome
+
+
+def _table(rows: list[dict], schema):
+    import pyarrow as pa
+
+    defaults = {"labelled": True, "context_status": ""}
+    return pa.Table.from_pydict({f.name: [r.get(f.name, defaults.get(f.name)) for r in rows] for f in schema},
+                                schema=schema)
 
 
 class IngestHealthError(RuntimeError):
@@ -40,8 +67,6 @@ class IngestHealthError(RuntimeError):
 
 def pseudonymizer_for(cfg: IngestConfig, root: str | Path) -> Pseudonymizer:
     """The keyed pseudonymizer: from the configured key, or the public key for a synthetic corpus only."""
-    import os
-
     if cfg.deid.key_file or os.environ.get(cfg.deid.key_env):
         return Pseudonymizer(load_key(cfg.deid.key_env, cfg.deid.key_file))
     root = Path(root)
@@ -51,12 +76,25 @@ def pseudonymizer_for(cfg: IngestConfig, root: str | Path) -> Pseudonymizer:
     return Pseudonymizer(load_key(cfg.deid.key_env, cfg.deid.key_file))  # raises DeidKeyError with help
 
 
-def _process_batch(batch: dict, cfg_json: str, ps: Pseudonymizer) -> dict:
+def _process_batch(batch: dict, cfg_json: str, ps: Pseudonymizer, outcomes_dir: str):
+    """Map step: process each record, write the batch's outcome rows aside, return the ok rows.
+
+    The outcome file is named after the batch's record ids, so a retried task rewrites the
+    same file instead of adding a second copy.
+    """
+    import pyarrow.parquet as pq
+
     cfg = IngestConfig.model_validate_json(cfg_json)
+    shard_schema, outcome_schema = _schemas()
     keys = list(batch.keys())
     n = len(batch[keys[0]])
-    rows = [row for i in range(n) for row in process_record({k: _py(batch[k][i]) for k in keys}, cfg, ps)]
-    return {field: [row[field] for row in rows] for field in rows[0]}
+    records = [{k: _py(batch[k][i]) for k in keys} for i in range(n)]
+    rows = [row for rec in records for row in process_record(rec, cfg, ps)]
+    name = hashlib.sha1("\n".join(r["record_id"] for r in records).encode()).hexdigest()[:20]
+    tmp = os.path.join(outcomes_dir, f".{name}.tmp")
+    pq.write_table(_table(rows, outcome_schema), tmp)
+    os.replace(tmp, os.path.join(outcomes_dir, f"part-{name}.parquet"))
+    return _table([r for r in rows if r["status"] == "ok"], shard_schema)
 
 
 def _py(value):
@@ -64,14 +102,6 @@ def _py(value):
     if hasattr(value, "tolist"):
         return value.tolist()
     return value
-
-
-def dataset_digest(rows) -> str:
-    """Content digest of the ok rows: record ids, splits, image hashes and labels."""
-    h = hashlib.sha256()
-    for rec in sorted(rows, key=lambda r: r["record_id"]):
-        h.update(f"{rec['record_id']}|{rec['split']}|{rec['image_sha1']}|{rec['labels']}\n".encode())
-    return h.hexdigest()
 
 
 def run(fmt: str, root: str | Path, out: str | Path, cfg: IngestConfig | None = None) -> dict:
@@ -97,28 +127,27 @@ def run(fmt: str, root: str | Path, out: str | Path, cfg: IngestConfig | None = 
         raise SourceError(f"split: {len(leaks)} patients appear in more than one split; refusing a leaking split")
     log.info("ingest: %d records listed (%d quarantined before decoding)", len(records) + len(pre_quarantined),
              len(pre_quarantined))
+    # a seeded order, so each shard file holds a random sample of studies (block-level shuffling
+    # in training is then nearly as good as a full shuffle)
+    random.Random(cfg.seed).shuffle(records)
 
     init_ray()
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        rows_meta = []
+        outcomes = staging / OUTCOMES_DIR
+        outcomes.mkdir()
         if records:
-            n_blocks = max(1, min(len(records) // 16, 200))
-            ds = ray.data.from_items(records, override_num_blocks=n_blocks)
-            ds = ds.map_batches(_process_batch, fn_kwargs={"cfg_json": cfg.model_dump_json(), "ps": ps},
-                                batch_size=16, batch_format="numpy").materialize()
-            ok = ds.filter(expr="status == 'ok'").drop_columns(["status", "reason"])
-            n_ok = ok.count()
-            if n_ok:
-                ok.repartition(max(1, -(-n_ok // cfg.rows_per_shard))).write_parquet(
-                    str(staging / SHARDS_DIR))
-            rows_meta = ds.select_columns(META_COLUMNS).to_pandas().to_dict("records")
-        processed = {r["record_id"] for r in rows_meta}
-        if len(processed) != len(records):  # every listed record must come back with an outcome
-            raise IngestHealthError(f"{len(records) - len(processed)} records came back from decoding "
-                                    "without an outcome; refusing an incomplete ingest")
-        summary = summarise(rows_meta, pre_quarantined, fmt, cfg, time.time() - t0)
+            ds = ray.data.from_items(records, override_num_blocks=max(1, -(-len(records) // (4 * _BATCH))))
+            ds = ds.map_batches(_process_batch, batch_size=_BATCH, batch_format="numpy",
+                                fn_kwargs={"cfg_json": cfg.model_dump_json(), "ps": ps,
+                                           "outcomes_dir": str(outcomes)})
+            ds.write_parquet(str(staging / SHARDS_DIR), partition_cols=["split"],
+                             min_rows_per_file=cfg.rows_per_shard)
+        summary = summarise(outcomes, pre_quarantined, fmt, cfg, time.time() - t0)
+        if summary["n_records"] - len(pre_quarantined) != len(records):
+            raise IngestHealthError(f"{len(records) - summary['n_records'] + len(pre_quarantined)} records came "
+                                    "back from decoding without an outcome; refusing an incomplete ingest")
         summary["deid"] = {"method": DEID_METHOD, "key_id": ps.key_id, "synthetic_key": ps.synthetic}
         log.info("ingest: %d ok, %d quarantined, %d filtered; patients in several splits: %d",
                  summary["n_ok"], summary["n_quarantined"], summary["n_filtered"],
@@ -136,57 +165,85 @@ def run(fmt: str, root: str | Path, out: str | Path, cfg: IngestConfig | None = 
     return summary
 
 
-def summarise(rows: list[dict], pre_quarantined: list[dict], fmt: str, cfg: IngestConfig, seconds: float) -> dict:
-    """Accounting per record: records in = ok + quarantined + filtered, per reason, split, label, group."""
-    records: dict[str, dict] = {}
-    for row in rows:  # a multi-frame record has one row per frame; the record's status is shared
-        records.setdefault(row["record_id"], row)
-    recs = list(records.values())
+def _row_digest(row: dict) -> int:
+    text = f"{row['record_id']}|{row['image_id']}|{row['split']}|{row['image_sha1']}|{list(row['labels'])}"
+    return int.from_bytes(hashlib.sha256(text.encode()).digest(), "big")
+
+
+def summarise(outcomes_dir: Path, pre_quarantined: list[dict], fmt: str, cfg: IngestConfig, seconds: float) -> dict:
+    """Accounting per record, streamed over the outcome table (ids and codes, a batch at a time):
+    records in = ok + quarantined + filtered, per reason, split, label, group, context status.
+
+    The digest is order-independent (a sum of per-image hashes), so it does not depend on
+    the order in which parallel tasks finished.
+    """
+    import pyarrow.dataset as pads
+
     quarantine = [{"record_id": q["record_id"], "reason": q["reason"]} for q in pre_quarantined]
-    quarantine += [{"record_id": r["record_id"], "reason": r["reason"]} for r in recs if r["status"] == "quarantined"]
-    filtered = [{"record_id": r["record_id"], "reason": r["reason"]} for r in recs if r["status"] == "filtered"]
-    ok_recs = [r for r in recs if r["status"] == "ok"]
-    ok_rows = [r for r in rows if r["status"] == "ok"]
-    per_split = Counter(r["split"] for r in ok_rows)
-    patients = {s: len({r["patient_id"] for r in ok_rows if r["split"] == s}) for s in per_split}
-    leaks = patients_in_several_splits(ok_recs)
-    positives = {s: Counter() for s in per_split}
-    for r in ok_recs:
-        for name, value in zip(CHEXPERT_LABELS, r["labels"]):
-            if value == 1.0:
-                positives[r["split"]][name] += 1
-    audit: Counter = Counter()
-    for r in ok_recs:
-        audit.update(json.loads(r["deid_audit"] or "{}"))
-    groups = {}
-    for key in ("modality", "transfer_syntax"):
-        counts: dict[str, Counter] = {}
-        for r in recs:
-            if r["status"] != "filtered":
-                counts.setdefault(r[key] or "unknown", Counter())[r["status"]] += 1
-        groups[key] = {g: {"n": sum(c.values()), "quarantined": c["quarantined"]} for g, c in counts.items()}
-    n_records = len(recs) + len(pre_quarantined)
+    filtered: list[dict] = []
+    seen: set[str] = set()
+    per_split, context, audit = Counter(), Counter(), Counter()
+    patients: dict[str, set] = {}
+    positives: dict[str, Counter] = {}
+    labelled = Counter()
+    groups: dict[str, dict[str, Counter]] = {"modality": {}, "transfer_syntax": {}}
+    unsupported: set[str] = set()
+    digest, n_ok = 0, 0
+    if any(outcomes_dir.glob("*.parquet")):
+        table = pads.dataset(str(outcomes_dir), format="parquet")
+        for batch in table.to_batches(batch_size=4096):
+            for row in batch.to_pylist():
+                if row["status"] == "ok":
+                    per_split[row["split"]] += 1
+                    digest = (digest + _row_digest(row)) % (1 << 256)
+                    patients.setdefault(row["patient_id"], set()).add(row["split"])
+                    labelled[row["split"]] += bool(row["labelled"])
+                if row["record_id"] in seen:  # one row per frame: the record counts once
+                    continue
+                seen.add(row["record_id"])
+                status = row["status"]
+                if status == "quarantined":
+                    quarantine.append({"record_id": row["record_id"], "reason": row["reason"]})
+                    if row["reason"] == "unsupported_transfer_syntax":
+                        unsupported.add(row["transfer_syntax"])
+                elif status == "filtered":
+                    filtered.append({"record_id": row["record_id"], "reason": row["reason"]})
+                else:
+                    n_ok += 1
+                    context[row["context_status"] or "unknown"] += 1
+                    audit.update(json.loads(row["deid_audit"] or "{}"))
+                    pos = positives.setdefault(row["split"], Counter())
+                    for name, value in zip(CHEXPERT_LABELS, row["labels"]):
+                        if value == 1.0:
+                            pos[name] += 1
+                if status != "filtered":
+                    for key in groups:
+                        groups[key].setdefault(row[key] or "unknown", Counter())[status] += 1
+    leaks = sum(len(s) > 1 for s in patients.values())
+    patients_per_split = Counter(s for splits in patients.values() for s in splits)
     summary = {
         "format": fmt,
-        "n_records": n_records,
-        "n_ok": len(ok_recs),
+        "n_records": len(seen) + len(pre_quarantined),
+        "n_ok": n_ok,
         "n_quarantined": len(quarantine),
         "n_filtered": len(filtered),
-        "n_images": len(ok_rows),
+        "n_images": sum(per_split.values()),
         "quarantine_by_reason": dict(Counter(q["reason"] for q in quarantine)),
         "filtered_by_reason": dict(Counter(f["reason"] for f in filtered)),
-        "groups": groups,
-        "unsupported_transfer_syntaxes": sorted({r["transfer_syntax"] for r in recs
-                                                 if r["reason"] == "unsupported_transfer_syntax"}),
+        "groups": {key: {g: {"n": sum(c.values()), "quarantined": c["quarantined"]} for g, c in counts.items()}
+                   for key, counts in groups.items()},
+        "unsupported_transfer_syntaxes": sorted(unsupported),
         "splits": dict(per_split),
-        "patients_per_split": patients,
-        "patients_in_several_splits": len(leaks),
+        "patients_per_split": dict(patients_per_split),
+        "patients_in_several_splits": leaks,
+        "labelled_images_per_split": dict(labelled),
         "label_positives": {s: dict(c) for s, c in positives.items()},
         "label_names": list(CHEXPERT_LABELS),
+        "context": dict(context),
         "deid_audit": dict(audit),
         "image_size": cfg.image_size,
         "config": cfg.model_dump(exclude={"deid"}),
-        "digest": dataset_digest(ok_rows),
+        "digest": f"{digest:064x}",
         "seconds": round(seconds, 1),
         "quarantine": sorted(quarantine, key=lambda q: q["record_id"]),
         "filtered": sorted(filtered, key=lambda f: f["record_id"]),
@@ -220,4 +277,9 @@ def load_summary(data_dir: str | Path) -> dict:
     path = Path(data_dir) / SUMMARY_NAME
     if not path.is_file():
         raise SourceError(f"--data: {data_dir} holds no {SUMMARY_NAME}; run `medfuse ingest` first")
-    return json.loads(path.read_text())
+    summary = json.loads(path.read_text())
+    if not (Path(data_dir) / SHARDS_DIR).is_dir() or not any((Path(data_dir) / SHARDS_DIR).glob("split=*")):
+        if summary.get("n_images"):
+            raise SourceError(f"--data: {data_dir} was written by an older medfuse (shards not partitioned by "
+                              "split); ingest it again with `medfuse ingest`")
+    return summary

@@ -19,6 +19,29 @@ import torch
 TRAIN_STATE = "train_state.json"
 DS_TAG = "deepspeed"
 BUNDLE_DIR = "bundle"
+RANKS_DIR = "ranks"  # one manifest per rank, written after its part of the checkpoint
+
+
+def derived_seed(*parts: int) -> int:
+    """A 63-bit seed from (seed, rank, epoch, ...) without collisions between the parts."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint64)[0] >> 1)
+
+
+def trainable_names(model: torch.nn.Module) -> list[str]:
+    """Names of the parameters the optimizer trains (what a checkpoint must hold)."""
+    return sorted(n for n, p in model.named_parameters() if p.requires_grad)
+
+
+def write_rank_manifest(folder: str, rank: int) -> None:
+    """List every file this rank wrote into its checkpoint folder (with sizes), as the last step."""
+    files = {}
+    for dirpath, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            files[os.path.relpath(path, folder)] = os.path.getsize(path)
+    os.makedirs(os.path.join(folder, RANKS_DIR), exist_ok=True)
+    with open(os.path.join(folder, RANKS_DIR, f"rank-{rank}.json"), "w") as fh:
+        json.dump({"rank": rank, "files": files}, fh)
 
 
 def _deepspeed_checkpoint_globals() -> list:
@@ -199,23 +222,27 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
         config=deepspeed_config(cfg, cfg.scaling.use_gpu))
 
-    state = {"epoch": -1, "global_step": 0, "world_size": world}
+    expected = trainable_names(model)
+    state = {"epoch": -1, "global_step": 0, "world_size": world, "trainable": expected}
     # Ray's own restore (worker restart) wins; else the driver's pick from an earlier run in this workdir
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and loop_cfg.get("resume_from"):
         checkpoint = ray.train.Checkpoint.from_directory(loop_cfg["resume_from"])
     if checkpoint:
         with checkpoint.as_directory() as d, weights_only_loading():
-            engine.load_checkpoint(d, tag=DS_TAG, load_module_strict=False)
             state = json.loads(open(os.path.join(d, TRAIN_STATE)).read())
+            if state.get("trainable") != expected:  # frozen parameters are not saved, hence strict=False
+                raise RuntimeError("resume: the checkpoint's trained parameters are not the ones this model "
+                                   "trains (the model code or its freezing changed); use a new workdir")
+            engine.load_checkpoint(d, tag=DS_TAG, load_module_strict=False)
 
     sink = _MlflowSink(loop_cfg.get("tracking_uri"), loop_cfg.get("mlflow_run_id"), rank == 0)
-    generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank + 17 * (state["epoch"] + 1))
+    generator = torch.Generator()
 
     def make(rows, train=False):
         return make_batch(rows, tokenizer, labels=labels, image_size=cfg.data.image_size,
                           max_tokens=cfg.model.text.max_tokens, uncertain_policy=cfg.data.uncertain_policy,
-                          train=train, text_dropout=cfg.data.text_dropout, augment_images=cfg.data.augment,
+                          blank_policy=cfg.data.blank_policy, train=train, text_dropout=cfg.data.text_dropout, augment_images=cfg.data.augment,
                           generator=generator)
 
     train_shard = ray.train.get_dataset_shard("train")
@@ -223,13 +250,16 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     global_bs = cfg.train.batch_size * world
 
     for epoch in range(state["epoch"] + 1, cfg.train.epochs):
+        # every random stream is a function of (seed, rank, epoch): a resumed run repeats an uninterrupted one
+        generator.manual_seed(derived_seed(cfg.train.seed, rank, epoch, 1))
+        torch.manual_seed(derived_seed(cfg.train.seed, rank, epoch, 2))
         engine.train()
         t_epoch = time.time()
         t_window, n_window, losses = time.time(), 0, []
         step_in_epoch = 0
         for rows in train_shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy",
-                                             drop_last=True, local_shuffle_buffer_size=16 * cfg.train.batch_size,
-                                             local_shuffle_seed=cfg.train.seed + epoch + 1000 * rank):
+                                             drop_last=True, local_shuffle_buffer_size=cfg.train.shuffle_buffer_rows or None,
+                                             local_shuffle_seed=derived_seed(cfg.train.seed, rank, epoch, 3)):
             if step_in_epoch >= steps_per_epoch:
                 break  # equal step counts on every rank keep DeepSpeed collectives in step
             batch = make(rows, train=True)
@@ -285,8 +315,11 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
             if rank == 0:
                 save_bundle(engine.module, cfg.model, labels, cfg.data.image_size, os.path.join(tmp, BUNDLE_DIR),
                             state_dict=weights, tokenizer=tokenizer,
-                            extra={"val_auroc_macro": score, "epoch": epoch, "experiment": cfg.name})
+                            extra={"val_auroc_macro": score, "epoch": epoch, "experiment": cfg.name,
+                                   "blank_policy": cfg.data.blank_policy,
+                                   "uncertain_policy": cfg.data.uncertain_policy})
                 with open(os.path.join(tmp, TRAIN_STATE), "w") as fh:
                     json.dump(state, fh)
+            write_rank_manifest(tmp, rank)
             ray.train.report({k.replace("/", "_"): v for k, v in metrics.items()},
                              checkpoint=ray.train.Checkpoint.from_directory(tmp))
