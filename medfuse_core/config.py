@@ -97,6 +97,13 @@ class DataConfig(_Section):
     image_size: int = Field(128, ge=16, le=2048)
     labels: list[str] = Field(default_factory=lambda: list(CHEXPERT_LABELS))
     uncertain_policy: Literal["ignore", "ones", "zeros"] = "ignore"
+    # Blank CheXpert cell (= not mentioned): "negative" trains and scores it as 0 (the usual
+    # MIMIC-CXR practice; needed for "No Finding", which is only ever 1.0 or blank), "ignore"
+    # gives it weight 0 and leaves it out of scoring. Unlabelled studies are never negatives.
+    blank_policy: Literal["negative", "ignore"] = "negative"
+    # Train at an image_size other than the shards' stored size (resampled on the fly); an
+    # error unless allowed, since it silently changes what the model sees.
+    allow_resize: bool = False
     text_dropout: float = Field(0.3, ge=0.0, le=1.0)  # train-time chance to hide the text
     augment: bool = True
 
@@ -120,6 +127,8 @@ class TrainConfig(_Section):
     grad_clip: float = Field(1.0, ge=0)
     log_every_steps: int = Field(10, ge=1)
     seed: int = 0
+    shuffle: Literal["files", "full"] = "files"  # files: new file order per epoch + local buffer; full: all-to-all
+    shuffle_buffer_rows: int = Field(1024, ge=0)  # per-worker local shuffle buffer (rows held in memory)
 
 
 class ScalingConfig(_Section):
@@ -160,7 +169,8 @@ class IngestConfig(_Section):
     quarantine_burned_in: bool = True  # BurnedInAnnotation=YES images may show names in the pixels
     max_quarantine_rate: float = Field(0.25, ge=0.0, le=1.0)  # per modality / transfer syntax, else stop
     min_group_for_rate: int = Field(20, ge=1)  # groups smaller than this are not rate-checked
-    rows_per_shard: int = Field(512, ge=1)
+    rows_per_shard: int = Field(512, ge=1)  # at least this many rows per shard file (the last may hold fewer)
+    seed: int = 0  # order of records in the shards (each file a random sample of studies)
     deid: DeidConfig = DeidConfig()
 
     @model_validator(mode="after")
