@@ -166,7 +166,8 @@ def run(fmt: str, root: str | Path, out: str | Path, cfg: IngestConfig | None = 
 
 
 def _row_digest(row: dict) -> int:
-    text = f"{row['record_id']}|{row['image_id']}|{row['split']}|{row['image_sha1']}|{list(row['labels'])}"
+    text = (f"{row['record_id']}|{row['image_id']}|{row['split']}|{row['image_sha1']}|{list(row['labels'])}|"
+            f"{row['labelled']}")
     return int.from_bytes(hashlib.sha256(text.encode()).digest(), "big")
 
 

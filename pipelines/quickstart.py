@@ -15,7 +15,7 @@ def run(workdir: str | Path, studies: int | None = None, seed: int = 0, override
     """Run the whole chain under ``workdir``; prints a results table and where to look in MLflow."""
     from rich.console import Console
 
-    from medfuse_core.synth import generate_corpus
+    from medfuse_core.synth import SYNTHETIC_MARKER, generate_corpus
     from pipelines import evaluate, finetune, ingest, tracking
     from pipelines.cli import _print_ingest, _print_results, _with_progress
 
@@ -31,7 +31,7 @@ def run(workdir: str | Path, studies: int | None = None, seed: int = 0, override
         return time.time()
 
     t = stage(1, "synthesise a chest X-ray corpus (MIMIC-CXR layout)")
-    if not (corpus / "mimic-cxr-2.0.0-split.csv").exists():
+    if not (corpus / SYNTHETIC_MARKER).exists():
         _with_progress("synth", lambda cb: generate_corpus(corpus, n_studies=studies or DEFAULT_STUDIES,
                                                            seed=seed, progress=cb))
     else:

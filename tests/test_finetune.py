@@ -79,3 +79,77 @@ def test_zero3_with_fewer_validation_batches_than_workers(tiny_data, tmp_path):
 
     bundle = load_bundle(tmp_path / "w" / "model")  # consolidated ZeRO-3 weights load into a full model
     assert bundle.model.num_labels == 14
+
+
+def _summary(**over):
+    base = {"splits": {"train": 64, "validate": 8}, "labelled_images_per_split": {"train": 64, "validate": 8},
+            "label_positives": {"train": {"Edema": 5}}, "image_size": 48, "digest": "d"}
+    base.update(over)
+    return base
+
+
+def test_check_data_refuses_data_that_cannot_train():
+    from medfuse_core.config import ConfigError
+    from medfuse_core.sources import SourceError
+
+    cfg = load_config(CPU_EXPERIMENT, TINY_OVERRIDES)
+    assert finetune.check_data(cfg, _summary()) == (64, 8)
+    with pytest.raises(SourceError, match="no positive|none of the configured labels"):
+        finetune.check_data(cfg, _summary(label_positives={"train": {}}))
+    with pytest.raises(SourceError, match="labelled training images"):
+        finetune.check_data(cfg, _summary(labelled_images_per_split={"train": 8, "validate": 8}))
+    big = load_config(CPU_EXPERIMENT, TINY_OVERRIDES + ["data.image_size=96"])
+    with pytest.raises(ConfigError, match="data.image_size.*--image-size 96"):
+        finetune.check_data(big, _summary())
+    allowed = load_config(CPU_EXPERIMENT, TINY_OVERRIDES + ["data.image_size=96", "data.allow_resize=true"])
+    assert finetune.check_data(allowed, _summary()) == (64, 8)
+
+
+def test_cli_refuses_a_label_table_without_positives(tiny_data, tmp_path, capsys):
+    """The CLI exits 2 with a message, and writes no workdir, when the configured labels have no positive."""
+    from pipelines.cli import main
+
+    code = main(["finetune", "--config", str(CPU_EXPERIMENT), "--data", str(tiny_data), "--workdir",
+                 str(tmp_path / "w"), *TINY_OVERRIDES, "data.labels=[Fracture, Pleural Other]"])
+    summary = json.loads((tiny_data / "ingest_summary.json").read_text())
+    if any(summary["label_positives"]["train"].get(n) for n in ("Fracture", "Pleural Other")):
+        pytest.skip("the tiny corpus happens to have a positive for these labels")
+    assert code == 2
+    assert "data.labels" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
+
+
+def test_zero0_checkpoints_resume_and_refuse_other_data(tiny_data, tmp_path):
+    """ZeRO stage 0 writes no ZeRO optimizer shards; its checkpoints must still count and resume."""
+    from medfuse_core.sources import SourceError
+
+    workdir = tmp_path / "w"
+    cfg = load_config(CPU_EXPERIMENT, TINY_OVERRIDES + ["deepspeed.zero_stage=0", "train.epochs=1"])
+    facts = finetune.run(cfg, tiny_data, workdir)
+    assert facts["best_epoch"] == 0 and facts["model_uri"]
+    first = finetune.find_checkpoints(workdir)
+    assert [s["epoch"] for s, _ in first] == [0]
+    cfg2 = load_config(CPU_EXPERIMENT, TINY_OVERRIDES + ["deepspeed.zero_stage=0", "train.epochs=2"])
+    finetune.run(cfg2, tiny_data, workdir)
+    states = [s for s, _ in finetune.find_checkpoints(workdir)]
+    assert max(s["epoch"] for s in states) == 1
+    assert max(s["global_step"] for s in states) == 2 * first[0][0]["global_step"]  # continued, not restarted
+
+    # a checkpoint missing a file its rank listed is not complete
+    state, folder = finetune.find_checkpoints(workdir)[-1]
+    manifest = json.loads((folder / "ranks" / "rank-1.json").read_text())
+    victim = next(iter(manifest["files"]))
+    (folder / victim).unlink()
+    assert folder not in [f for _, f in finetune.find_checkpoints(workdir)]
+
+    # resuming against other data is refused
+    other = tmp_path / "other"
+    import shutil
+
+    shutil.copytree(tiny_data, other)
+    summary = json.loads((other / "ingest_summary.json").read_text())
+    summary["digest"] = "0" * 64
+    (other / "ingest_summary.json").write_text(json.dumps(summary))
+    cfg3 = load_config(CPU_EXPERIMENT, TINY_OVERRIDES + ["deepspeed.zero_stage=0", "train.epochs=3"])
+    with pytest.raises(SourceError, match="digest"):
+        finetune.run(cfg3, other, workdir)

@@ -13,7 +13,7 @@ import pytest
 from pydicom.encaps import encapsulate
 
 from medfuse_core.config import IngestConfig
-from medfuse_core.sources import SourceError
+from medfuse_core.sources import METADATA_TABLE, SPLIT_TABLE, SourceError, table_path
 from pipelines import ingest
 from pipelines.cli import main
 
@@ -48,8 +48,8 @@ def test_tiny_corpus_accounting(tiny_data):
 def _broken_copy(src: Path, dst: Path) -> dict:
     """A corpus copy with one truncated file, one object without pixels, one missing, one unindexed."""
     shutil.copytree(src, dst)
-    split = pd.read_csv(dst / "mimic-cxr-2.0.0-split.csv", dtype=str)
-    meta = pd.read_csv(dst / "mimic-cxr-2.0.0-metadata.csv", dtype=str)
+    split = pd.read_csv(table_path(dst, SPLIT_TABLE), dtype=str)
+    meta = pd.read_csv(table_path(dst, METADATA_TABLE), dtype=str)
     frontal = meta[meta["ViewPosition"].isin(["PA", "AP"])]["dicom_id"].tolist()
     paths = {p.stem: p for p in (dst / "files").rglob("*.dcm")}
     truncated, nopixels, missing, unindexed, burned = frontal[:5]
@@ -65,7 +65,7 @@ def _broken_copy(src: Path, dst: Path) -> dict:
     ds = pydicom.dcmread(paths[burned])
     ds.BurnedInAnnotation = "YES"
     ds.save_as(paths[burned])
-    split[split["dicom_id"] != unindexed].to_csv(dst / "mimic-cxr-2.0.0-split.csv", index=False)
+    split[split["dicom_id"] != unindexed].to_csv(table_path(dst, SPLIT_TABLE), index=False)
     return {"truncated": truncated, "nopixels": nopixels, "missing": missing, "unindexed": unindexed, "burned": burned,
             "n_images": len(paths)}
 
@@ -93,7 +93,7 @@ def test_broken_files_are_quarantined_not_crashes(ray_local, tiny_corpus, tmp_pa
 
 def test_manifest_format(ray_local, tiny_corpus, tmp_path, monkeypatch):
     monkeypatch.setenv("MEDFUSE_DEID_KEY", "5e" * 32)
-    split = pd.read_csv(tiny_corpus / "mimic-cxr-2.0.0-split.csv", dtype=str).head(12)
+    split = pd.read_csv(table_path(tiny_corpus, SPLIT_TABLE), dtype=str).head(12)
     rows = []
     for r in split.itertuples():
         study_dir = tiny_corpus / "files" / f"p{r.subject_id[:2]}" / f"p{r.subject_id}"
@@ -114,7 +114,7 @@ def test_manifest_format(ray_local, tiny_corpus, tmp_path, monkeypatch):
 
 def test_manifest_cells_are_checked_not_trusted(ray_local, tiny_corpus, tmp_path, monkeypatch):
     monkeypatch.setenv("MEDFUSE_DEID_KEY", "5e" * 32)
-    split = pd.read_csv(tiny_corpus / "mimic-cxr-2.0.0-split.csv", dtype=str).head(4)
+    split = pd.read_csv(table_path(tiny_corpus, SPLIT_TABLE), dtype=str).head(4)
     paths = {p.stem: str(p) for p in (tiny_corpus / "files").rglob("*.dcm")}
     rows = [{"record_id": None, "study_id": r.study_id, "patient_id": r.subject_id,
              "image_path": paths[r.dicom_id], "report": "", "Cardiomegaly": "1"} for r in split.itertuples()]
@@ -143,7 +143,7 @@ def test_real_archive_without_a_key_is_refused(ray_local, tiny_corpus, tmp_path,
 def test_leaking_split_is_refused(ray_local, tiny_corpus, tmp_path, capsys):
     corpus = tmp_path / "leaky"
     shutil.copytree(tiny_corpus, corpus)
-    split = pd.read_csv(corpus / "mimic-cxr-2.0.0-split.csv", dtype=str)
+    split = pd.read_csv(table_path(corpus, SPLIT_TABLE), dtype=str)
     patient = split["subject_id"].iloc[0]
     rows = split.index[split["subject_id"] == patient]
     split.loc[rows[0], "split"] = "train"
@@ -151,7 +151,7 @@ def test_leaking_split_is_refused(ray_local, tiny_corpus, tmp_path, capsys):
     if len(rows) == 1:  # give the patient a second image in another split
         extra = split.loc[[rows[0]]].assign(split="test")
         split = pd.concat([split, extra])
-    split.to_csv(corpus / "mimic-cxr-2.0.0-split.csv", index=False)
+    split.to_csv(table_path(corpus, SPLIT_TABLE), index=False)
     code = main(["ingest", "--format", "mimic-cxr", "--root", str(corpus), "--out", str(tmp_path / "d")])
     assert code == 2
     assert "more than one split" in capsys.readouterr().err
@@ -204,3 +204,36 @@ def test_wholesale_quarantine_of_a_group_stops_the_job(ray_local, tiny_corpus, t
     assert code == 3, err
     assert "max_quarantine_rate" in err
     assert not (tmp_path / "d").exists()
+
+
+def test_layout_outcomes_and_context_accounting(tiny_data):
+    """Shards are partitioned by split; the outcome table accounts for every record; context
+    statuses are counted; the training columns can be read for one split alone."""
+    from pipelines.shards import OUTCOMES_DIR, SPLITS, split_dir
+
+    summary = json.loads((tiny_data / "ingest_summary.json").read_text())
+    for split in SPLITS:
+        files = list(split_dir(tiny_data, split).glob("*.parquet"))
+        assert files, split
+        table = pq.read_table(files[0])
+        assert "split" not in table.column_names  # the folder names it
+    rows = _shard_rows(tiny_data)
+    assert rows.groupby("split", observed=True).size().to_dict() == summary["splits"]
+    outcomes = pq.read_table(tiny_data / OUTCOMES_DIR).to_pandas()
+    assert "image" not in outcomes.columns and "report" not in outcomes.columns and "context" not in outcomes
+    assert outcomes["record_id"].nunique() == summary["n_records"] - len(
+        [q for q in summary["quarantine"] if q["reason"] in ("missing_file", "not_in_split_index")])
+    assert (outcomes["status"] == "ok").sum() == summary["n_ok"]
+    assert sum(summary["context"].values()) == summary["n_ok"]
+    assert set(summary["context"]) <= {"ok", "none", "dropped_long", "dropped_findings"}
+    assert summary["labelled_images_per_split"]["train"] <= summary["splits"]["train"]
+
+
+def test_ingest_leaves_nothing_when_stopped(ray_local, tiny_corpus, tmp_path, capsys):
+    """A health stop after the streaming write leaves no output folder and no staging folder."""
+    out = tmp_path / "data"
+    code = main(["ingest", "--format", "mimic-cxr", "--root", str(tiny_corpus), "--out", str(out),
+                 "--image-size", "32", "max_quarantine_rate=0.0", "min_group_for_rate=1", "max_file_bytes=2000"])
+    assert code == 3
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == []
