@@ -67,9 +67,13 @@ def tokenize(tokenizer, texts: Sequence[str], max_tokens: int) -> dict[str, torc
 
 
 def make_batch(rows: dict, tokenizer, *, labels: Sequence[str], image_size: int, max_tokens: int,
-               uncertain_policy: str = "ignore", train: bool = False, text_dropout: float = 0.0,
-               augment_images: bool = False, generator: torch.Generator | None = None) -> dict:
-    """Build a training/eval batch from a columnar batch of shard rows (dict of arrays)."""
+               uncertain_policy: str = "ignore", blank_policy: str = "negative", train: bool = False,
+               text_dropout: float = 0.0, augment_images: bool = False,
+               generator: torch.Generator | None = None) -> dict:
+    """Build a training/eval batch from a columnar batch of shard rows (dict of arrays).
+
+    Rows with ``labelled`` False (a study without any label) get weight 0 and NaN eval labels.
+    """
     generator = generator or torch.Generator().manual_seed(0)
     images = images_to_tensor(blobs_to_images(rows["image"], rows["image_size"]), image_size)
     if train and augment_images:
@@ -79,11 +83,16 @@ def make_batch(rows: dict, tokenizer, *, labels: Sequence[str], image_size: int,
         keep = torch.rand(len(images), generator=generator) >= text_dropout
         text["text_present"] = text["text_present"] & keep
     raw = np.stack([np.asarray(v, dtype=np.float32) for v in rows["labels"]])[:, label_indices(labels)]
-    targets, weights = training_targets(raw, uncertain_policy)
+    targets, weights = training_targets(raw, uncertain_policy, blank_policy)
+    eval_labels = evaluation_targets(raw, blank_policy)
+    if "labelled" in rows:
+        unlabelled = ~np.asarray(rows["labelled"], dtype=bool)
+        weights[unlabelled] = 0.0
+        eval_labels[unlabelled] = np.nan
     return {
         "images": images,
         **text,
         "targets": torch.from_numpy(targets),
         "weights": torch.from_numpy(weights),
-        "eval_labels": torch.from_numpy(evaluation_targets(raw)),
+        "eval_labels": torch.from_numpy(eval_labels),
     }

@@ -1,7 +1,9 @@
 """Multi-label diagnosis metrics (AUROC, AUPRC, F1 at chosen thresholds) with missing labels.
 
-Labels are 1/0 with NaN for blank or uncertain entries; each label is scored on its own
-certain entries, and AUROC/AUPRC only where both classes are present.
+Labels come from :func:`medfuse_core.labels.evaluation_targets`: 1/0, NaN where not scored
+(uncertain; blank under ``blank_policy=ignore``). Each label is scored on its own non-NaN
+entries, and only where both classes are present (so "No Finding" is scored under
+``blank_policy=negative`` and skipped under ``ignore``).
 """
 
 from __future__ import annotations

@@ -56,7 +56,7 @@ def cmd_synth(args) -> int:
     if args.studies < 1:
         raise UsageError("--studies: must be at least 1")
     summary = _with_progress("synth", lambda cb: generate_corpus(out, n_studies=args.studies, seed=args.seed,
-                                                                 progress=cb))
+                                                                 progress=cb, tables=args.tables))
     print(json.dumps(summary, indent=2, default=str))
     return 0
 
@@ -167,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--studies", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tables", choices=["gz", "csv"], default="gz",
+                   help="label/split/metadata tables as mimic-cxr-2.0.0-*.csv.gz (as released) or plain .csv")
     p.set_defaults(fn=cmd_synth)
 
     p = sub.add_parser("ingest", help="decode DICOM + reports into Parquet shards on Ray Data")
