@@ -21,12 +21,12 @@ import numpy as np
 from medfuse_core.config import IngestConfig
 from medfuse_core.deid import Pseudonymizer, deidentify, has_burned_in_annotation, pseudonymize_record_ids
 from medfuse_core.dicom import DicomDecodeError, decode_dicom, frame_indices, read_dataset
-from medfuse_core.reports import clinical_context
+from medfuse_core.reports import clinical_context_checked
 from medfuse_core.sources import safe_code
 
 ROW_FIELDS = ("record_id", "image_id", "frame", "study_id", "patient_id", "split", "view", "modality",
-              "transfer_syntax", "image", "image_size", "image_sha1", "context", "report", "labels", "header",
-              "deid_audit", "status", "reason")
+              "transfer_syntax", "image", "image_size", "image_sha1", "context", "context_status", "report", "labels",
+              "labelled", "header", "deid_audit", "status", "reason")
 
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
@@ -45,7 +45,9 @@ def _row(rec: dict, ps: Pseudonymizer, status: str, reason: str, **facts) -> dic
     row = {
         "record_id": rec["record_id"], "image_id": rec["record_id"], "frame": 0, **_ids(rec, ps),
         "split": rec.get("split", ""), "view": "", "modality": "", "transfer_syntax": "", "image": b"",
-        "image_size": 0, "image_sha1": "", "context": "", "report": "", "labels": list(rec.get("labels") or []),
+        "image_size": 0, "image_sha1": "", "context": "", "context_status": "", "report": "",
+        "labels": list(rec.get("labels") or []),
+        "labelled": bool(rec.get("labelled", True)),
         "header": "{}", "deid_audit": "{}", "status": status, "reason": reason,
     }
     row.update(facts)
@@ -104,10 +106,12 @@ def _process(rec: dict, cfg: IngestConfig, ps: Pseudonymizer) -> list[dict]:
             return [_row(rec, ps, "filtered", "non_image_object", **facts)]
         return [_row(rec, ps, "quarantined", err.reason, **facts)]
     res = deidentify(ds, report, ps, patient_id=rec.get("patient_id"), study_id=rec.get("study_id"))
+    context, context_status = clinical_context_checked(res.report)  # "" unless the indication is usable
     common = {
         "record_id": rec["record_id"], **_ids(rec, ps), "split": rec["split"], **facts,
-        "image_size": cfg.image_size, "context": clinical_context(res.report), "report": res.report,
-        "labels": list(rec["labels"]), "header": json.dumps(res.header, sort_keys=True, default=str),
+        "image_size": cfg.image_size, "context": context, "context_status": context_status, "report": res.report,
+        "labels": list(rec["labels"]), "labelled": bool(rec.get("labelled", True)),
+        "header": json.dumps(res.header, sort_keys=True, default=str),
         "deid_audit": json.dumps(res.audit, sort_keys=True), "status": "ok", "reason": "",
     }
     rows = []

@@ -5,14 +5,16 @@
     out_dir/
       files/pNN/pSUBJECT/sSTUDY/<dicom_id>.dcm   DX DICOM, one per view
       files/pNN/pSUBJECT/sSTUDY.txt              free-text report
-      mimic-cxr-2.0.0-chexpert.csv               subject_id, study_id, 14 CheXpert labels
-      mimic-cxr-2.0.0-split.csv                  dicom_id, study_id, subject_id, split
-      mimic-cxr-2.0.0-metadata.csv               per-image DICOM metadata
+      mimic-cxr-2.0.0-chexpert.csv.gz            subject_id, study_id, 14 CheXpert labels
+      mimic-cxr-2.0.0-split.csv.gz               dicom_id, study_id, subject_id, split
+      mimic-cxr-2.0.0-metadata.csv.gz            per-image DICOM metadata
 
-so the ingest code that reads MIMIC-CXR reads it unchanged. Images are drawn with
-numpy (additive attenuation model: body, lungs, mediastinum, heart, diaphragm, ribs,
-clavicles, spine, vessel texture, noise) and carry a clear visual signature for each
-finding the labels and report claim:
+so the ingest code that reads MIMIC-CXR reads it unchanged. The tables are gzipped as
+released (plain ``.csv`` with ``tables="csv"``) and labelled as released: 1.0 positive, -1.0
+uncertain, 0.0 explicitly negated, blank not mentioned; "No Finding" is 1.0 on normal studies
+and blank otherwise. Images are drawn with numpy (additive attenuation model: body, lungs,
+mediastinum, heart, diaphragm, ribs, clavicles, spine, vessel texture, noise) and carry a
+clear visual signature for each finding the labels and report claim:
 
 * Cardiomegaly: heart half-width 0.44-0.52 of the half-thorax scale vs 0.26-0.32.
 * Enlarged Cardiomediastinum: upper mediastinum half-width 0.22-0.28 vs 0.10-0.14.
@@ -37,6 +39,7 @@ same platform and library versions (seeded UIDs, fixed dates, deterministic RLE)
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import json
 import os
@@ -51,14 +54,14 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, RLELossless
 
 from medfuse_core.labels import CHEXPERT_LABELS
+from medfuse_core.sources import CHEXPERT_TABLE, METADATA_TABLE, SPLIT_TABLE, table_path  # noqa: F401 (re-exported)
 
 UID_ROOT = "1.2.826.0.1.3680043.8.498."
 DX_FOR_PRESENTATION = UID("1.2.840.10008.5.1.4.1.1.1.1")
 IMPLEMENTATION_UID = UID(UID_ROOT + "1")
 
-CHEXPERT_CSV = "mimic-cxr-2.0.0-chexpert.csv"
-SPLIT_CSV = "mimic-cxr-2.0.0-split.csv"
-METADATA_CSV = "mimic-cxr-2.0.0-metadata.csv"
+# Table file suffix per ``generate_corpus(tables=...)``; the names are ``<*_TABLE stem><suffix>``.
+TABLE_SUFFIX = {"gz": ".csv.gz", "csv": ".csv"}
 METADATA_COLUMNS = (
     "dicom_id",
     "subject_id",
@@ -286,8 +289,7 @@ def _labels(state: dict[str, int], neg: dict[str, bool],
     if fracture_neg:
         out["Fracture"] = 0.0
     abnormal = any(state[k] for k in PATHOLOGIES) or pneumonia in (1.0, -1.0)
-    # MIMIC's labeler leaves No Finding blank on abnormal studies; 0.0 keeps it trainable.
-    out["No Finding"] = 0.0 if abnormal else 1.0
+    out["No Finding"] = nan if abnormal else 1.0  # as in MIMIC: only ever 1.0 or blank
     return out
 
 
@@ -507,7 +509,114 @@ def _wrap(sentences: list[str]) -> str:
     return "\n".join(" " + line for line in textwrap.wrap(text, 76))
 
 
+#: Report layouts the planner writes and their shares (real archives mix them; see reports.py).
+REPORT_LAYOUTS: dict[str, float] = {
+    "standard": 0.55,       # INDICATION / COMPARISON / FINDINGS / IMPRESSION headers
+    "old_style": 0.10,      # an INDICATION/HISTORY header, then unheaded findings and impression paragraphs
+    "inline": 0.07,         # FINDINGS: on the same line as the indication
+    "no_colon": 0.06,       # headers without colons, alone on a line or followed by text
+    "mixed_case": 0.07,     # mixed-case and synonym headers (Reason for examination:, CONCLUSION:)
+    "wet_read": 0.05,       # a WET READ block above the final report
+    "addendum": 0.05,       # an ADDENDUM after (or above) the report
+    "no_indication": 0.05,  # no indication section at all
+}
+
+
+@dataclass
+class _ReportParts:
+    """What the planner put where: the layout, the indication it wrote ("" if none) and every
+    radiologist sentence (view, findings, impression, wet read, addendum)."""
+
+    layout: str
+    indication: str
+    radiologist: list[str]
+
+
+def _layout_rng(rng: np.random.Generator) -> np.random.Generator:
+    """A generator seeded from ``rng``'s current state without drawing from it, so the layout
+    choices leave the study's other draws (labels, images) as they were."""
+    words: list[int] = []
+
+    def collect(x) -> None:
+        if isinstance(x, dict):
+            for k in sorted(x):
+                collect(x[k])
+        elif isinstance(x, np.ndarray):
+            words.extend(abs(int(v)) for v in x.ravel())
+        elif isinstance(x, (int, np.integer)):
+            words.append(abs(int(x)))
+
+    collect(rng.bit_generator.state)
+    return np.random.default_rng([*words, 0x1A7])
+
+
+def _write_report(lrng, layout: str, view_text: str, comparison: str, indication: str,
+                  fnd: list[str], imp: list[str]) -> tuple[str, list[str]]:
+    """(report text in ``layout``, the extra radiologist sentences it added: wet read, addendum)."""
+    c = lambda *xs: _pick(lrng, xs)  # noqa: E731
+    banner = " " * 33 + "FINAL REPORT\n"
+    body = [view_text] + fnd
+
+    def standard(ind_h="INDICATION:", cmp_h="COMPARISON:", fnd_h="FINDINGS:", imp_h="IMPRESSION:") -> str:
+        return (banner + f" {ind_h}  {indication}\n \n" + f" {cmp_h}  {comparison}\n \n"
+                f" {fnd_h} \n \n{_wrap(body)}\n \n {imp_h} \n \n{_wrap(imp)}\n")
+
+    if layout == "standard":
+        return standard(), []
+    if layout == "old_style":
+        header = c("INDICATION:", "HISTORY:", "REASON FOR EXAMINATION:", "CLINICAL HISTORY:")
+        cmp = f" COMPARISON:  {comparison}\n \n" if lrng.random() < 0.4 else ""
+        return banner + f" {header}  {indication}\n \n{cmp}{_wrap(body)}\n \n{_wrap(imp)}\n", []
+    if layout == "inline":  # "INDICATION: ... FINDINGS: ..." on one line, sometimes without colons
+        colon = ":" if lrng.random() < 0.7 else ""
+        lead = [f"INDICATION{colon}  {indication}"]
+        lead += [f"COMPARISON{colon}  {comparison}"] if lrng.random() < 0.4 else []
+        first = " " + "  ".join(lead + [f"FINDINGS{colon}", body[0]])
+        rest = f"\n{_wrap(body[1:])}" if body[1:] else ""
+        return banner + f"{first}{rest}\n \n{_wrap([f'IMPRESSION{colon}'] + imp)}\n", []
+    if layout == "no_colon":
+        ind_h = c("INDICATION", "HISTORY", "CLINICAL HISTORY")
+        tail = f" IMPRESSION\n \n{_wrap(imp)}\n" if lrng.random() < 0.5 else f"{_wrap(['IMPRESSION'] + imp)}\n"
+        return (banner + f" {ind_h}  {indication}\n \n COMPARISON  {comparison}\n \n"
+                f" FINDINGS\n \n{_wrap(body)}\n \n" + tail), []
+    if layout == "mixed_case":
+        return standard(
+            c("Reason for examination:", "REASON FOR EXAMINATION:", "Clinical history:", "CLINICAL HISTORY:",
+              "Clinical information:", "Indication:", "Reason for exam:"),
+            c("Comparison:", "COMPARISONS:", "Comparison exam:"), c("Findings:", "FINDINGS:", "Finding:"),
+            c("Impression:", "CONCLUSION:", "Conclusion:", "IMPRESSION:")), []
+    if layout == "wet_read":
+        wet = imp[:2] or fnd[:1]
+        time = f"{int(lrng.integers(1, 13))}:{int(lrng.integers(0, 60)):02d} {c('AM', 'PM')}"
+        head = c(f"WET READ: ___ ___ {time}", f"WET READ VERSION #1 ___ ___ {time}")
+        return f" {head}\n{_wrap(wet)}\n \n" + standard(), list(wet)
+    if layout == "addendum":
+        add = [c("Findings were discussed with Dr. ___ by telephone at ___ on ___.",
+                 "The images were reviewed again and the findings above are confirmed.",
+                 "A repeat review of the images was performed at the request of the clinical team.")]
+        add += [f"Again noted: {imp[0]}"] if imp else []
+        block = f" ADDENDUM: \n \n{_wrap(add)}\n"
+        return (block + " \n" + standard() if lrng.random() < 0.3 else standard() + " \n" + block), add
+    if layout == "no_indication":
+        return (banner + f" COMPARISON:  {comparison}\n \n FINDINGS: \n \n{_wrap(body)}\n \n"
+                f" IMPRESSION: \n \n{_wrap(imp)}\n"), []
+    raise ValueError(f"unknown report layout {layout!r}")
+
+
 def _plan_report(rng, state, spec, view_text, comparison, indication, groups):
+    labels, report, _ = _plan_report_parts(rng, state, spec, view_text, comparison, indication, groups)
+    return labels, report
+
+
+def _plan_report_parts(rng, state, spec, view_text, comparison, indication, groups,
+                       layout: str | None = None) -> tuple[dict[str, float], str, _ReportParts]:
+    """(labels, report, parts). The layout is drawn from :data:`REPORT_LAYOUTS` with a generator
+    derived from ``rng`` (``rng``'s draws, hence labels and images, do not depend on it) unless given."""
+    lrng = _layout_rng(rng)
+    names = list(REPORT_LAYOUTS)
+    drawn = names[int(lrng.choice(len(names), p=np.array(list(REPORT_LAYOUTS.values())) /
+                                  sum(REPORT_LAYOUTS.values())))]
+    layout = layout or drawn
     neg = {k: (state[k] == 0 and rng.random() < _P_NEG[k]) for k in FINDINGS}
     if state["consolidation"] == 1:
         pneumonia = 1.0 if ("infection" in groups and rng.random() < 0.75) else -1.0
@@ -521,16 +630,10 @@ def _plan_report(rng, state, spec, view_text, comparison, indication, groups):
     lungs_clear = not any(state[k] for k in PARENCHYMAL) and rng.random() < 0.5
     labels = _labels(state, neg, pneumonia, fracture_neg, lungs_clear)
     fnd, imp = _finding_sentences(rng, state, spec, neg, pneumonia, fracture_neg, lungs_clear)
-    report = (
-        " " * 33 + "FINAL REPORT\n"
-        f" INDICATION:  {indication}\n \n"
-        f" COMPARISON:  {comparison}\n \n"
-        " FINDINGS: \n \n"
-        f"{_wrap([view_text] + fnd)}\n \n"
-        " IMPRESSION: \n \n"
-        f"{_wrap(imp)}\n"
-    )
-    return labels, report
+    report, extra = _write_report(lrng, layout, view_text, comparison, indication, fnd, imp)
+    parts = _ReportParts(layout=layout, indication="" if layout == "no_indication" else indication,
+                         radiologist=[view_text, *fnd, *imp, *extra])
+    return labels, report, parts
 
 
 # =============================================================================== drawing
@@ -972,23 +1075,29 @@ def _fmt_label(v: float) -> str:
 
 
 def _write_csv(path: Path, header, rows) -> None:
-    with open(path, "w", newline="") as fh:
-        w = csv.writer(fh, lineterminator="\n")
-        w.writerow(header)
-        w.writerows(rows)
+    """Write a table; gzipped if ``path`` ends in .gz (mtime 0, no name: same rows, same bytes)."""
+    with open(path, "wb") as raw:
+        gz = gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) if path.suffix == ".gz" else None
+        with io.TextIOWrapper(gz or raw, encoding="utf-8", newline="") as fh:
+            w = csv.writer(fh, lineterminator="\n")
+            w.writerow(header)
+            w.writerows(rows)
 
 
 SYNTHETIC_MARKER = "medfuse-synthetic.json"
 
 
 def generate_corpus(
-    out_dir, n_studies: int = 200, seed: int = 0, progress: Progress = None, workers: int | None = None
+    out_dir, n_studies: int = 200, seed: int = 0, progress: Progress = None, workers: int | None = None,
+    tables: str = "gz",
 ) -> dict:
     """Write a synthetic MIMIC-CXR-layout corpus of ``n_studies`` studies to ``out_dir``.
 
     Existing files with the same names are overwritten (use an empty directory).
     ``progress(n_done, n_total)`` is called after each study, from the calling thread.
     ``workers`` rendering threads (default: up to 2); the output does not depend on it.
+    ``tables``: "gz" writes the tables as ``mimic-cxr-2.0.0-*.csv.gz`` (as released), "csv"
+    as plain ``.csv``; a table of the other kind left in ``out_dir`` is removed.
     Returns a summary:
     ``n_studies``, ``n_images``, ``n_patients``, ``n_lateral``, ``splits`` (studies per
     split), ``positives`` (label -> count of 1.0), ``encodings`` (images per variant),
@@ -998,6 +1107,8 @@ def generate_corpus(
         raise ValueError("n_studies must be >= 1")
     if int(seed) < 0:
         raise ValueError("seed must be a non-negative integer")
+    if tables not in TABLE_SUFFIX:
+        raise ValueError(f"tables must be one of {sorted(TABLE_SUFFIX)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     studies = _plan_corpus(int(n_studies), int(seed))
@@ -1036,17 +1147,22 @@ def generate_corpus(
                 progress(i + 1, len(studies))
 
     order = sorted(studies, key=lambda s: (s.subject_id, s.study_id))
-    _write_csv(out / CHEXPERT_CSV, ("subject_id", "study_id", *CHEXPERT_LABELS),
+    suffix = TABLE_SUFFIX[tables]
+    for stem in (CHEXPERT_TABLE, SPLIT_TABLE, METADATA_TABLE):  # a stale table of the other kind
+        for other in TABLE_SUFFIX.values():
+            if other != suffix:
+                (out / f"{stem}{other}").unlink(missing_ok=True)
+    _write_csv(out / f"{CHEXPERT_TABLE}{suffix}", ("subject_id", "study_id", *CHEXPERT_LABELS),
                [(s.subject_id, s.study_id, *(_fmt_label(s.labels[n]) for n in CHEXPERT_LABELS)) for s in order])
-    _write_csv(out / SPLIT_CSV, ("dicom_id", "study_id", "subject_id", "split"),
+    _write_csv(out / f"{SPLIT_TABLE}{suffix}", ("dicom_id", "study_id", "subject_id", "split"),
                [(im.dicom_id, s.study_id, s.subject_id, s.split) for s in order for im in s.images])
     view_meaning = {"PA": "postero-anterior", "AP": "antero-posterior", "LATERAL": "lateral", "LL": "left lateral"}
-    _write_csv(out / METADATA_CSV, METADATA_COLUMNS,
+    _write_csv(out / f"{METADATA_TABLE}{suffix}", METADATA_COLUMNS,
                [(im.dicom_id, s.subject_id, s.study_id, s.procedure, im.view, im.rows, im.cols,
                  s.study_date, s.study_time, s.procedure, view_meaning[im.view],
                  "Recumbent" if im.view == "AP" else "Erect") for s in order for im in s.images])
-    for name in (CHEXPERT_CSV, SPLIT_CSV, METADATA_CSV):
-        total_bytes += (out / name).stat().st_size
+    for stem in (CHEXPERT_TABLE, SPLIT_TABLE, METADATA_TABLE):
+        total_bytes += (out / f"{stem}{suffix}").stat().st_size
 
     splits = {k: sum(s.split == k for s in studies) for k in ("train", "validate", "test")}
     # Marks the corpus as synthetic: only such a folder may be ingested with the public deid key.

@@ -163,6 +163,7 @@ def run(cfg: FinetuneConfig, data_dir: str | Path, workdir: str | Path) -> dict:
             mlflow.set_tags({"medfuse.stage": "finetune", "medfuse.experiment": cfg.name})
             tracking.log_dataset(summary, data_dir, context="training")
             tracking.log_ingest(summary)
+        mlflow.set_tag("medfuse.train_epochs", cfg.train.epochs)  # a param cannot change; epochs may grow on resume
         facts.update({"mlflow_run_id": run_id, "experiment": cfg.tracking.experiment, "tracking_uri": uri,
                       "data_dir": str(data_dir.resolve()), "data_digest": summary["digest"],
                       "config": cfg.model_dump()})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import gzip
 import hashlib
 import re
 from pathlib import Path
@@ -13,12 +14,22 @@ import pytest
 
 from medfuse_core.dicom import decode_dicom
 from medfuse_core.labels import CHEXPERT_LABELS
-from medfuse_core.reports import clinical_context, extract_sections
-from medfuse_core.synth import CHEXPERT_CSV, METADATA_CSV, SPLIT_CSV, generate_corpus
+from medfuse_core.reports import clinical_context_checked, extract_sections
+from medfuse_core.synth import CHEXPERT_TABLE, METADATA_TABLE, SPLIT_TABLE, generate_corpus, table_path
+
+
+def table(root: Path, stem: str) -> Path:
+    path = table_path(root, stem)  # .csv.gz (the default) or .csv
+    assert path is not None, stem
+    return path
+
+
+def open_table(path: Path):
+    return gzip.open(path, "rt", newline="") if path.suffix == ".gz" else open(path, newline="")
 
 
 def read_csv(path: Path) -> list[dict]:
-    with open(path, newline="") as fh:
+    with open_table(path) as fh:
         return list(csv.DictReader(fh))
 
 
@@ -48,10 +59,10 @@ def medium(tmp_path_factory):
 
 def test_layout_and_csvs(small):
     root, summary, calls = small
-    chex = read_csv(root / CHEXPERT_CSV)
-    split = read_csv(root / SPLIT_CSV)
-    meta = read_csv(root / METADATA_CSV)
-    with open(root / CHEXPERT_CSV) as fh:
+    chex = read_csv(table(root, CHEXPERT_TABLE))
+    split = read_csv(table(root, SPLIT_TABLE))
+    meta = read_csv(table(root, METADATA_TABLE))
+    with open_table(table(root, CHEXPERT_TABLE)) as fh:
         assert fh.readline().strip().split(",") == ["subject_id", "study_id", *CHEXPERT_LABELS]
     assert list(split[0]) == ["dicom_id", "study_id", "subject_id", "split"]
     for col in ("dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition",
@@ -81,21 +92,21 @@ def test_layout_and_csvs(small):
 def test_split_by_patient(medium):
     root, summary = medium
     split_of: dict[str, set] = {}
-    for row in read_csv(root / SPLIT_CSV):
+    for row in read_csv(table(root, SPLIT_TABLE)):
         split_of.setdefault(row["subject_id"], set()).add(row["split"])
     assert all(len(s) == 1 for s in split_of.values())
     counts = {k: sum(k in s for s in split_of.values()) for k in ("train", "validate", "test")}
     assert counts["validate"] >= 1 and counts["test"] >= 1 and counts["train"] > counts["test"]
     assert summary["n_patients"] == len(split_of)
     per_patient = {}
-    for row in read_csv(root / CHEXPERT_CSV):
+    for row in read_csv(table(root, CHEXPERT_TABLE)):
         per_patient[row["subject_id"]] = per_patient.get(row["subject_id"], 0) + 1
     assert set(per_patient.values()) <= {1, 2, 3}
 
 
 def test_every_dicom_decodes_and_matches_metadata(small):
     root, _, _ = small
-    for row in read_csv(root / METADATA_CSV):
+    for row in read_csv(table(root, METADATA_TABLE)):
         path = dicom_path(root, row)
         ds = pydicom.dcmread(path)  # valid file meta: no force needed
         assert ds.file_meta.MediaStorageSOPClassUID == "1.2.840.10008.5.1.4.1.1.1.1"
@@ -114,7 +125,7 @@ def test_every_dicom_decodes_and_matches_metadata(small):
 
 def test_views(medium):
     root, summary = medium
-    meta = read_csv(root / METADATA_CSV)
+    meta = read_csv(table(root, METADATA_TABLE))
     by_study: dict[str, list] = {}
     for row in meta:
         by_study.setdefault(row["study_id"], []).append(row["ViewPosition"])
@@ -139,7 +150,7 @@ def test_same_seed_identical_different_seed_differs(small, tmp_path):
 def test_encoding_variants_appear(medium):
     root, summary = medium
     seen = {"MONOCHROME1": 0, "MONOCHROME2": 0, "rle": 0, "native": 0, "rescale": 0, "window": 0, "nonsquare": 0}
-    for row in read_csv(root / METADATA_CSV):
+    for row in read_csv(table(root, METADATA_TABLE)):
         ds = pydicom.dcmread(dicom_path(root, row))
         seen[ds.PhotometricInterpretation] += 1
         seen["rle" if ds.file_meta.TransferSyntaxUID == pydicom.uid.RLELossless else "native"] += 1
@@ -162,20 +173,21 @@ KEYWORDS = {
     "Consolidation": r"consolidation",
     "Lung Lesion": r"nodule|mass",
     "Atelectasis": r"atelectasis",
-    "Support Devices": r"tube|line|catheter|pacemaker|devices",
+    "Support Devices": r"tube|\blines?\b|catheter|pacemaker|devices",
 }
 
 
 def test_labels_consistent_with_report(medium):
     root, _ = medium
     checked = {"1.0": 0, "0.0": 0, "-1.0": 0}
-    for row in read_csv(root / CHEXPERT_CSV):
+    no_finding = {"1.0": 0, "": 0}
+    for row in read_csv(table(root, CHEXPERT_TABLE)):
         sub = f"p{row['subject_id']}"
         text = (root / "files" / sub[:3] / sub / f"s{row['study_id']}.txt").read_text()
-        assert text.lstrip().startswith("FINAL REPORT")
+        assert "FINAL REPORT" in text  # a wet read or an addendum may stand above it
         sections = extract_sections(text)
-        assert {"indication", "comparison", "findings", "impression"} <= set(sections)
-        body = sections["findings"] + " " + sections["impression"]
+        assert "findings" in sections  # unheaded body text counts as findings
+        body = " ".join(sections.get(k, "") for k in ("findings", "impression", "wet_read", "addendum"))
         sentences = re.split(r"(?<=\.)\s+", body)
         for label, pattern in KEYWORDS.items():
             hits = [s for s in sentences if re.search(pattern, s, re.I)]
@@ -188,16 +200,20 @@ def test_labels_consistent_with_report(medium):
                 assert any(HEDGE.search(s) for s in hits), (label, body)
             checked[value] = checked.get(value, 0) + 1
         assert row["Fracture"] in ("", "0.0") and row["Pleural Other"] == ""
-        if row["No Finding"] == "1.0":
-            assert all(row[k] in ("", "0.0") for k in CHEXPERT_LABELS if k not in ("No Finding", "Support Devices"))
-        ctx = clinical_context(text)
-        assert ctx and ctx == sections["indication"] and ctx not in sections["findings"]
+        # as in MIMIC-CXR: No Finding is 1.0 on a normal study, blank (never 0.0) otherwise
+        others = [row[k] for k in CHEXPERT_LABELS if k not in ("No Finding", "Support Devices")]
+        assert row["No Finding"] in ("1.0", "")
+        assert (row["No Finding"] == "1.0") == all(v in ("", "0.0") for v in others)
+        no_finding[row["No Finding"]] += 1
+        ctx, status = clinical_context_checked(text)
+        assert status in ("ok", "none") and ctx == sections.get("indication", "") and (not ctx or ctx not in body)
     assert checked["1.0"] > 20 and checked["0.0"] > 20 and checked["-1.0"] > 0
+    assert no_finding["1.0"] > 0 and no_finding[""] > 0
 
 
 def test_summary_matches_labels(medium):
     root, summary = medium
-    chex = read_csv(root / CHEXPERT_CSV)
+    chex = read_csv(table(root, CHEXPERT_TABLE))
     for label in CHEXPERT_LABELS:
         assert summary["positives"][label] == sum(r[label] == "1.0" for r in chex)
     for label in ("Pleural Effusion", "Cardiomegaly", "Lung Lesion", "Support Devices"):
@@ -217,9 +233,9 @@ def _chest_square(row: dict, size: int) -> tuple[float, float, float]:
 def test_effusion_brightens_the_lung_bases(medium):
     """A one-number statistic (costophrenic-region brightness) separates effusion studies."""
     root, _ = medium
-    labels = {r["study_id"]: r["Pleural Effusion"] for r in read_csv(root / CHEXPERT_CSV)}
+    labels = {r["study_id"]: r["Pleural Effusion"] for r in read_csv(table(root, CHEXPERT_TABLE))}
     pos, neg = [], []
-    for row in read_csv(root / METADATA_CSV):
+    for row in read_csv(table(root, METADATA_TABLE)):
         if row["ViewPosition"] not in ("PA", "AP"):
             continue
         px = decode_dicom(dicom_path(root, row), 64).pixels
@@ -242,3 +258,31 @@ def test_effusion_brightens_the_lung_bases(medium):
 def test_invalid_n_studies(tmp_path):
     with pytest.raises(ValueError):
         generate_corpus(tmp_path, 0)
+    with pytest.raises(ValueError, match="tables"):
+        generate_corpus(tmp_path, 1, tables="zip")
+
+
+def test_tables_gzipped_by_default_plain_on_request(small, tmp_path):
+    root, _, _ = small
+    stems = (CHEXPERT_TABLE, SPLIT_TABLE, METADATA_TABLE)
+    for stem in stems:  # as released: only the .csv.gz, and a real gzip stream
+        assert (root / f"{stem}.csv.gz").read_bytes()[:2] == b"\x1f\x8b"
+        assert not (root / f"{stem}.csv").exists()
+    plain = tmp_path / "plain"
+    generate_corpus(plain, 12, seed=0, tables="csv")
+    for stem in stems:
+        assert not (plain / f"{stem}.csv.gz").exists()
+        assert (plain / f"{stem}.csv").read_bytes()[:2] != b"\x1f\x8b"
+        assert read_csv(plain / f"{stem}.csv") == read_csv(root / f"{stem}.csv.gz")
+    generate_corpus(plain, 1, seed=0)  # regenerating as gz removes the plain tables
+    assert all(table(plain, stem).name == f"{stem}.csv.gz" for stem in stems)
+
+
+def test_cli_synth_tables_option(tmp_path, capsys):
+    from pipelines.cli import main
+
+    assert main(["synth", "--out", str(tmp_path / "csv"), "--studies", "1", "--tables", "csv"]) == 0
+    assert table(tmp_path / "csv", CHEXPERT_TABLE).name == f"{CHEXPERT_TABLE}.csv"
+    assert main(["synth", "--out", str(tmp_path / "gz"), "--studies", "1"]) == 0
+    assert table(tmp_path / "gz", CHEXPERT_TABLE).name == f"{CHEXPERT_TABLE}.csv.gz"
+    capsys.readouterr()
