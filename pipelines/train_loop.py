@@ -257,12 +257,19 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         t_epoch = time.time()
         t_window, n_window, losses = time.time(), 0, []
         step_in_epoch = 0
-        for rows in train_shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy",
-                                             drop_last=True, local_shuffle_buffer_size=cfg.train.shuffle_buffer_rows or None,
-                                             local_shuffle_seed=derived_seed(cfg.train.seed, rank, epoch, 3)):
-            if step_in_epoch >= steps_per_epoch:
-                break  # equal step counts on every rank keep DeepSpeed collectives in step
+        batches = iter(train_shard.iter_batches(
+            batch_size=cfg.train.batch_size, batch_format="numpy", drop_last=True,
+            local_shuffle_buffer_size=cfg.train.shuffle_buffer_rows or None,
+            local_shuffle_seed=derived_seed(cfg.train.seed, rank, epoch, 3)))
+        data_wait = prep = 0.0
+        while step_in_epoch < steps_per_epoch:  # equal step counts on every rank keep collectives in step
+            t0 = time.perf_counter()
+            rows = next(batches, None)
+            t1 = time.perf_counter()
+            if rows is None:
+                break
             batch = make(rows, train=True)
+            data_wait, prep = data_wait + (t1 - t0), prep + (time.perf_counter() - t1)
             logits = _forward(engine, batch, text=True)
             loss = masked_bce_with_logits(logits.float(), batch["targets"].to(engine.device),
                                           batch["weights"].to(engine.device))
@@ -295,6 +302,8 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
             "val/auprc_macro": m_txt["auprc_macro"],
             "perf/epoch_train_seconds": train_seconds,
             "perf/epoch_samples_per_sec": steps_per_epoch * global_bs / max(train_seconds, 1e-9),
+            "perf/data_wait_fraction": data_wait / max(train_seconds, 1e-9),  # waiting on Ray Data
+            "perf/batch_prep_fraction": prep / max(train_seconds, 1e-9),  # decode blobs, tokenise, augment
         }
         for name, value in m_txt["auroc"].items():
             metrics[f"val/auroc/{name.replace(' ', '_')}"] = value
