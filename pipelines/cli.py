@@ -111,7 +111,7 @@ def cmd_finetune(args) -> int:
 def cmd_evaluate(args) -> int:
     from pipelines import evaluate
 
-    result = evaluate.run(args.model, args.data, args.out)
+    result = evaluate.run(args.model, args.data, args.out, log_images=args.log_images)
     _print_results(result)
     return 0
 
@@ -194,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="finetune workdir, bundle folder, MLflow run id or model URI")
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--log-images", action="store_true",
+                   help="also log patient images (attention maps over a few test images) to the model's MLflow "
+                        "run; off by default, since the store may be shared")
     p.set_defaults(fn=cmd_evaluate)
 
     p = sub.add_parser("quickstart", help="synth -> ingest -> finetune -> evaluate on this machine")

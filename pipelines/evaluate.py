@@ -2,7 +2,13 @@
 
 ``--model`` may be a finetune workdir, a bundle folder, an MLflow run id, or a model URI
 (``runs:/<id>/model``, ``models:/<name>@candidate``). Metrics go to ``--out`` and, when the
-model came from an MLflow run, to that run (test/ metrics, ROC, per-label and calibration plots).
+model came from an MLflow run, to that run (test/ metrics, ROC, per-label and calibration plots,
+the evaluated dataset as an ``evaluation`` input). Patient images (attention maps) are logged
+only with ``log_images=True`` (``medfuse evaluate --log-images``).
+
+Only the validate and test splits are read, labelled rows only, the diagnosis columns only.
+Scoring runs in a pool of actors sized from the cluster; only the per-row outputs (targets and
+two probability vectors, a few floats per row) come back to the driver.
 """
 
 from __future__ import annotations
@@ -16,41 +22,133 @@ from pathlib import Path
 import numpy as np
 
 from medfuse_core.metrics import choose_thresholds, multilabel_metrics
-from pipelines import tracking
 from medfuse_core.sources import SourceError
-from pipelines.ingest import SHARDS_DIR, load_summary
+from pipelines import tracking
+from pipelines.ingest import load_summary
+from pipelines.shards import DIAGNOSIS_COLUMNS, has_split, read_split, read_split_table
 
 log = logging.getLogger("medfuse")
 
 MODES = ("image_only", "image_text")
+EVAL_SPLITS = ("validate", "test")
+BATCH_SIZE = 64
+CPUS_PER_SCORER = 4  # torch intra-op threads per CPU scoring actor (fewer on a small cluster)
+
+
+def scorer_resources(cluster: dict) -> dict:
+    """Actor-pool size and per-actor resources for scoring, from ``ray.cluster_resources()``.
+
+    With GPUs: one actor per GPU (``num_gpus=1``) and a few CPUs each for decoding and
+    tokenising. CPU only: actors of up to :data:`CPUS_PER_SCORER` CPUs, as many as fit. Either
+    way some CPUs stay free for the Parquet read tasks (actors holding every CPU starve the
+    reads and the pipeline hangs). ``threads`` is the torch thread count matching an actor's CPUs.
+    """
+    cpus = int(cluster.get("CPU", 0))
+    gpus = int(cluster.get("GPU", 0))
+    spare = max(1, cpus // 8)
+    budget = max(1, cpus - spare)
+    if gpus >= 1:
+        per = max(1, min(CPUS_PER_SCORER, budget // gpus))
+        return {"min_size": 1, "max_size": gpus, "num_cpus": per, "num_gpus": 1, "threads": per}
+    per = max(1, min(CPUS_PER_SCORER, budget))
+    return {"min_size": 1, "max_size": max(1, budget // per), "num_cpus": per, "num_gpus": 0, "threads": per}
+
+
+class _OnDevice:
+    """Wraps a model on an accelerator so CPU-side callers (``score_rows``) hand it CPU tensors
+    and get CPU tensors back."""
+
+    def __init__(self, model, device: str):
+        self.model, self.device = model, device
+
+    def eval(self):
+        self.model.eval()
+        return self
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def __call__(self, images, **kwargs):
+        import torch
+
+        moved = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        out = self.model(images.to(self.device), **moved)
+        return {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in out.items()}
 
 
 class _Scorer:
-    """Ray Data callable class: loads the bundle once per actor, scores batches."""
+    """Ray Data callable class: loads the bundle once per actor, scores batches.
 
-    def __init__(self, bundle_dir: str):
+    Returns only the small per-row outputs: split, evaluation targets, both probability vectors."""
+
+    def __init__(self, bundle_dir: str, blank_policy: str, threads: int = 1):
+        import dataclasses
+
         import torch
 
-        from medfuse_core.labels import evaluation_targets
-        from medfuse_core.models.bundle import load_bundle
         from medfuse_core.batching import label_indices
+        from medfuse_core.models.bundle import load_bundle
 
-        torch.set_num_threads(1)
-        self.bundle = load_bundle(bundle_dir)
-        self.idx = label_indices(self.bundle.label_names)
-        self._eval_targets = evaluation_targets
+        torch.set_num_threads(max(1, int(threads)))
+        if torch.cuda.is_available():
+            bundle = load_bundle(bundle_dir, device="cuda")
+            bundle = dataclasses.replace(bundle, model=_OnDevice(bundle.model, "cuda"))
+        else:
+            bundle = load_bundle(bundle_dir)
+        self.bundle = bundle
+        self.idx = label_indices(bundle.label_names)
+        self.blank_policy = blank_policy
 
     def __call__(self, rows: dict) -> dict:
         from medfuse_core.inference import score_rows
+        from medfuse_core.labels import evaluation_targets
 
         scores = score_rows(self.bundle, rows)
         raw = np.stack([np.asarray(v, dtype=np.float32) for v in rows["labels"]])[:, self.idx]
         return {
-            "split": rows["split"],
-            "y": list(self._eval_targets(raw)),
-            "image_only": list(scores["image_only"]),
-            "image_text": list(scores["image_text"]),
+            "split": np.asarray(rows["split"]),
+            "y": evaluation_targets(raw, blank_policy=self.blank_policy),
+            "image_only": np.asarray(scores["image_only"], dtype=np.float32),
+            "image_text": np.asarray(scores["image_text"], dtype=np.float32),
         }
+
+
+def score_splits(bundle_dir: str | Path, data_dir: str | Path, blank_policy: str = "negative",
+                 splits=EVAL_SPLITS) -> dict[str, dict[str, np.ndarray]]:
+    """Score the labelled rows of ``splits`` in an actor pool; ``{split: {"y", *MODES: [N, L]}}``.
+
+    Reads only those splits' shards and the diagnosis columns; a split with no shards gives
+    empty arrays."""
+    import ray
+    from ray.data.expressions import lit
+
+    from medfuse_core.models.bundle import read_bundle_meta
+
+    n_labels = len(read_bundle_meta(bundle_dir)["label_names"])
+    parts = {s: {k: [] for k in ("y",) + MODES} for s in splits}
+    present = [s for s in splits if has_split(data_dir, s)]
+    if present:
+        ds = None
+        for split in present:
+            one = read_split(data_dir, split, DIAGNOSIS_COLUMNS, labelled_only=True).with_column("split", lit(split))
+            ds = one if ds is None else ds.union(one)
+        res = scorer_resources(ray.cluster_resources())
+        log.info("scoring %s with up to %d actor(s) of %d CPU(s)%s", "+".join(present), res["max_size"],
+                 res["num_cpus"], " and 1 GPU" if res["num_gpus"] else "")
+        scored = ds.map_batches(
+            _Scorer, batch_size=BATCH_SIZE, batch_format="numpy",
+            fn_constructor_kwargs={"bundle_dir": str(bundle_dir), "blank_policy": blank_policy,
+                                   "threads": res["threads"]},
+            compute=ray.data.ActorPoolStrategy(min_size=res["min_size"], max_size=res["max_size"]),
+            num_cpus=res["num_cpus"], num_gpus=res["num_gpus"])
+        for batch in scored.iter_batches(batch_format="numpy", batch_size=None):
+            for split in present:
+                keep = batch["split"] == split
+                if keep.any():
+                    for k in ("y",) + MODES:
+                        parts[split][k].append(np.asarray(batch[k], dtype=np.float32)[keep])
+    return {s: {k: np.concatenate(v) if v else np.zeros((0, n_labels), np.float32) for k, v in d.items()}
+            for s, d in parts.items()}
 
 
 def resolve_model(ref: str, tmp: Path) -> tuple[Path, dict]:
@@ -72,25 +170,37 @@ def resolve_model(ref: str, tmp: Path) -> tuple[Path, dict]:
     return bundle, facts
 
 
+ATTENTION_COLUMNS = ["image", "image_size", "context"]
+
+
+def attention_rows(data_dir: str | Path, n: int = 6):
+    """At most ``n`` labelled test rows with a non-empty clinical context (image, size, context),
+    the filter pushed into the Parquet scan, reading row groups only until ``n`` are found."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    has_context = pc.utf8_length(pc.utf8_trim_whitespace(pads.field("context"))) > 0
+    return read_split_table(data_dir, "test", ATTENTION_COLUMNS, limit=n,
+                            filter=has_context & (pads.field("labelled") == True))  # noqa: E712
+
+
 def attention_figure(bundle_dir: Path, data_dir: Path, scored_labels=None, n: int = 6):
     """Text-to-image attention over a few test images that have clinical context; None if the
-    fusion module exposes no such map (concat, gated). Titles name the top predictions among
-    ``scored_labels`` (labels without training signal are left out)."""
-    import pyarrow.parquet as pq
+    fusion module exposes no such map (concat, gated) or no test row has context. Titles name
+    the top predictions among ``scored_labels`` (labels without training signal are left out)."""
     import torch
 
     from medfuse_core.batching import blobs_to_images, images_to_tensor, tokenize
     from medfuse_core.models.bundle import load_bundle
     from pipelines import plots
 
-    bundle = load_bundle(bundle_dir)
-    table = pq.read_table(data_dir / SHARDS_DIR, columns=["split", "image", "image_size", "context"])
-    rows = table.to_pandas()
-    rows = rows[(rows["split"] == "test") & (rows["context"].str.strip() != "")].head(n)
-    if rows.empty:
+    table = attention_rows(data_dir, n)
+    if table is None or table.num_rows == 0:
         return None
-    images = blobs_to_images(list(rows["image"]), list(rows["image_size"]))
-    tok = tokenize(bundle.tokenizer, list(rows["context"]), bundle.model_config.text.max_tokens)
+    rows = table.to_pydict()
+    bundle = load_bundle(bundle_dir)
+    images = blobs_to_images(rows["image"], rows["image_size"])
+    tok = tokenize(bundle.tokenizer, rows["context"], bundle.model_config.text.max_tokens)
     with torch.no_grad():
         out = bundle.model(images_to_tensor(images, bundle.image_size), **tok)
     att = out["attention"].get("text_to_image")
@@ -109,7 +219,9 @@ def attention_figure(bundle_dir: Path, data_dir: Path, scored_labels=None, n: in
 
 def _run_note(result: dict) -> str:
     """A short Markdown description for the MLflow run page."""
-    lines = [f"**Test split**: {result['n_test']} images. Thresholds chosen on the validation split.", "",
+    source = ("Thresholds chosen on the validation split." if result["thresholds_from"] == "validate"
+              else "**No labelled validation rows: thresholds are 0.5.**")
+    lines = [f"**Test split**: {result['n_test']} images. {source}", "",
              "| scoring | macro AUROC | macro AUPRC | macro F1 |", "|---|---|---|---|"]
     for mode in MODES:
         m = result[mode]
@@ -120,52 +232,68 @@ def _run_note(result: dict) -> str:
     return "\n".join(lines)
 
 
-def run(model_ref: str, data_dir: str | Path, out: str | Path) -> dict:
-    """Evaluate and write the metrics JSON; returns it."""
+def _scorable(parts: dict, names: list[str]) -> list[str]:
+    """Labels with both classes among the scored validate + test targets."""
+    y_all = np.concatenate([parts[s]["y"] for s in EVAL_SPLITS])
+    return [n for j, n in enumerate(names) if 0 < np.nansum(y_all[:, j]) < np.sum(~np.isnan(y_all[:, j]))]
+
+
+def metrics_from_scores(parts: dict, names: list[str]) -> dict:
+    """Thresholds chosen on validate (0.5 when it has no rows), metrics on test, per mode."""
+    thresholds_from = "validate" if len(parts["validate"]["y"]) else "default_0.5"
+    result = {"n_test": int(len(parts["test"]["y"])), "n_validate": int(len(parts["validate"]["y"])),
+              "label_names": names, "thresholds_from": thresholds_from}
+    for mode in MODES:
+        thresholds = choose_thresholds(parts["validate"][mode], parts["validate"]["y"])
+        result[mode] = multilabel_metrics(parts["test"][mode], parts["test"]["y"], names, thresholds)
+    return result
+
+
+def run(model_ref: str, data_dir: str | Path, out: str | Path, log_images: bool = False) -> dict:
+    """Evaluate and write the metrics JSON; returns it.
+
+    ``log_images`` (off by default) also logs patient images (attention maps over a few test
+    images) to the model's MLflow run; without it no such figure is made.
+    """
     import mlflow
-    import ray
 
     from medfuse_core.models.bundle import read_bundle_meta
     from pipelines import plots
     from pipelines.runtime import init_ray
 
     data_dir = Path(data_dir)
-    load_summary(data_dir)
+    summary = load_summary(data_dir)
+    if not has_split(data_dir, "test"):
+        raise SourceError("--data: the test split is empty")
     with tempfile.TemporaryDirectory() as tmp:
         bundle_dir, facts = resolve_model(model_ref, Path(tmp))
         meta = read_bundle_meta(bundle_dir)
         names = meta["label_names"]
+        blank_policy = (meta.get("extra") or {}).get("blank_policy", "negative")
         init_ray()
-        ds = ray.data.read_parquet(str(data_dir / SHARDS_DIR)).filter(expr="split != 'train'")
-        scored = ds.map_batches(_Scorer, fn_constructor_kwargs={"bundle_dir": str(bundle_dir)}, batch_size=64,
-                                compute=ray.data.ActorPoolStrategy(size=1), batch_format="numpy").to_pandas()
+        parts = score_splits(bundle_dir, data_dir, blank_policy)
+        if len(parts["test"]["y"]) == 0:
+            raise SourceError("--data: the test split has no labelled rows")
+        if len(parts["validate"]["y"]) == 0:
+            log.warning("--data: no labelled validate rows; decision thresholds fall back to 0.5 for every label "
+                        "(F1 is not tuned; AUROC/AUPRC are unaffected)")
+        run_id = facts.get("mlflow_run_id")
         figure = None
-        # the maps show patient images: only into a store on this machine, never a shared server
-        if facts.get("mlflow_run_id") and tracking.is_local_store(facts.get("tracking_uri") or mlflow.get_tracking_uri()):
-            y_all = np.stack(scored["y"].to_numpy())
-            scorable = [n for j, n in enumerate(names)
-                        if 0 < np.nansum(y_all[:, j]) < np.sum(~np.isnan(y_all[:, j]))]  # both classes seen
-            figure = attention_figure(bundle_dir, data_dir, scorable)
-    parts = {}
-    for split in ("validate", "test"):
-        sub = scored[scored["split"] == split]
-        parts[split] = {k: np.stack(sub[k].to_numpy()) if len(sub) else np.zeros((0, len(names)))
-                        for k in ("y",) + MODES}
-    if len(parts["test"]["y"]) == 0:
-        raise SourceError("--data: the test split is empty")
-    result = {"model": model_ref, "n_test": int(len(parts["test"]["y"])), "label_names": names}
-    for mode in MODES:
-        thresholds = choose_thresholds(parts["validate"][mode], parts["validate"]["y"])
-        result[mode] = multilabel_metrics(parts["test"][mode], parts["test"]["y"], names, thresholds)
+        if log_images and run_id:
+            figure = attention_figure(bundle_dir, data_dir, _scorable(parts, names))
+        elif log_images:
+            log.warning("--log-images: %s has no MLflow run to log images to; none logged", model_ref)
+    result = {"model": model_ref, "data_digest": summary.get("digest"), "blank_policy": blank_policy,
+              **metrics_from_scores(parts, names)}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
 
-    run_id = facts.get("mlflow_run_id")
     if run_id:
         if facts.get("tracking_uri"):
             mlflow.set_tracking_uri(facts["tracking_uri"])
         with mlflow.start_run(run_id=run_id):
+            tracking.log_dataset(summary, data_dir, context="evaluation", splits=EVAL_SPLITS)
             mlflow.log_metrics({f"test/{mode}/{key}": result[mode][key]
                                 for mode in MODES for key in ("auroc_macro", "auprc_macro", "f1_macro")})
             for mode in MODES:

@@ -28,7 +28,10 @@ def tracking_uri(workdir: str | Path) -> str:
 
 
 def is_local_store(uri: str) -> bool:
-    """True for stores on this machine (SQLite, files), False for a tracking server."""
+    """True for SQLite/file stores, False for a tracking server: only picks where a new
+    experiment keeps its artifacts. A string guess (a SQLite file may sit on a shared disk,
+    ``databricks`` counts as local), so never a gate for patient data: images are logged only
+    on an explicit opt-in (``medfuse evaluate --log-images``)."""
     return uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri
 
 
@@ -71,15 +74,21 @@ def log_params_flat(params: dict[str, Any]) -> None:
     mlflow.log_params(clean)
 
 
-def log_dataset(summary: dict, data_dir: str | Path, context: str) -> None:
-    """Log the ingested dataset (name, digest and source only: no records) as a run input."""
+def log_dataset(summary: dict, data_dir: str | Path, context: str, splits=None) -> None:
+    """Log the ingested dataset (name, digest and source only: no records) as a run input.
+
+    ``splits`` (e.g. ``("validate", "test")``) names the part that was read; it goes into the
+    dataset name, so an evaluation of the data a run trained on is still recorded (MLflow
+    keeps one input per dataset name and digest on a run, whatever the context)."""
     import mlflow
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.data.sources import LocalArtifactDatasetSource
 
     source = LocalArtifactDatasetSource(str(Path(data_dir).resolve()))
-    dataset = MetaDataset(source=source, name=summary.get("dataset_name", "medfuse-shards"),
-                          digest=summary["digest"][:36])
+    name = summary.get("dataset_name", "medfuse-shards")
+    if splits:
+        name = f"{name}[{'+'.join(splits)}]"
+    dataset = MetaDataset(source=source, name=name, digest=summary["digest"][:36])
     mlflow.log_input(dataset, context=context)
 
 

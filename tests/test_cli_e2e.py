@@ -28,9 +28,17 @@ def test_quickstart_then_evaluate_by_run_and_registry(ray_local, tmp_path, capsy
     import mlflow
 
     mlflow.set_tracking_uri(facts["tracking_uri"])
+
+    def evaluation_artifacts() -> set[str]:
+        return {a.path for a in mlflow.MlflowClient().list_artifacts(facts["mlflow_run_id"], "evaluation")}
+
+    # patient images only on request: quickstart's evaluate logs the plots but no attention maps
+    assert {"evaluation/roc_curves.png", "evaluation/per_label_auroc.png"} <= evaluation_artifacts()
+    assert "evaluation/attention_maps.png" not in evaluation_artifacts()
     by_run = tmp_path / "by_run.json"
     assert main(["evaluate", "--model", facts["mlflow_run_id"], "--data", str(workdir / "data"),
-                 "--out", str(by_run)]) == 0
+                 "--out", str(by_run), "--log-images"]) == 0
+    assert "evaluation/attention_maps.png" in evaluation_artifacts()
     by_alias = tmp_path / "by_alias.json"
     assert main(["evaluate", "--model", "models:/medfuse-cxr-diagnosis@candidate", "--data",
                  str(workdir / "data"), "--out", str(by_alias)]) == 0
@@ -42,8 +50,6 @@ def test_quickstart_then_evaluate_by_run_and_registry(ray_local, tmp_path, capsy
     assert len(ingest_runs) == 1 and ingest_runs[0].data.metrics["ingest/n_ok"] > 0
     run = mlflow.MlflowClient().get_run(facts["mlflow_run_id"])
     assert "test/image_text/auroc_macro" in run.data.metrics
-    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "evaluation")}
-    assert {"evaluation/roc_curves.png", "evaluation/per_label_auroc.png", "evaluation/attention_maps.png"} <= artifacts
 
     # the registered model serves through MLflow's pyfunc interface
     import numpy as np
