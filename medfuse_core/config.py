@@ -169,7 +169,7 @@ class IngestConfig(_Section):
     quarantine_burned_in: bool = True  # BurnedInAnnotation=YES images may show names in the pixels
     max_quarantine_rate: float = Field(0.25, ge=0.0, le=1.0)  # per modality / transfer syntax, else stop
     min_group_for_rate: int = Field(20, ge=1)  # groups smaller than this are not rate-checked
-    rows_per_shard: int = Field(512, ge=1)  # at least this many rows per shard file (the last may hold fewer)
+    rows_per_shard: int = Field(512, ge=1)  # records per write task -> about this many rows per shard file
     seed: int = 0  # order of records in the shards (each file a random sample of studies)
     deid: DeidConfig = DeidConfig()
 

@@ -180,6 +180,8 @@ def run(cfg: FinetuneConfig, data_dir: str | Path, workdir: str | Path) -> dict:
                 resume = str(latest[1])
                 log.info("finetune: resuming from epoch %d (step %d)", latest[0]["epoch"], latest[0]["global_step"])
                 mlflow.set_tag("medfuse.resumed_from_step", latest[0]["global_step"])
+            train_options = DataConfig.default_ingest_options()
+            train_options.preserve_order = True  # blocks in the seeded file order: reproducible epochs
             trainer = TorchTrainer(
                 train_loop_per_worker,
                 train_loop_config={"config_json": cfg.model_dump_json(), "n_train": n_train, "n_validate": n_val,
@@ -194,7 +196,7 @@ def run(cfg: FinetuneConfig, data_dir: str | Path, workdir: str | Path) -> dict:
                                                        checkpoint_score_order="max"),
                 ),
                 datasets=_datasets(data_dir, cfg),
-                dataset_config=DataConfig(datasets_to_split=["train"]),
+                dataset_config=DataConfig(datasets_to_split=["train"], execution_options={"train": train_options}),
             )
             trainer.fit()
 

@@ -97,6 +97,16 @@ def _process_batch(batch: dict, cfg_json: str, ps: Pseudonymizer, outcomes_dir: 
     return _table([r for r in rows if r["status"] == "ok"], shard_schema)
 
 
+def _n_blocks(n_records: int, rows_per_shard: int) -> int:
+    """Blocks of about ``rows_per_shard`` records (one shard file per split each: the fused map +
+    write task holds one block's images), but at least four per CPU so small corpora still use
+    every core."""
+    import ray
+
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    return max(1, -(-n_records // rows_per_shard), min(-(-n_records // _BATCH), 4 * cpus))
+
+
 def _py(value):
     """numpy scalars/arrays from Ray Data back to plain Python values."""
     if hasattr(value, "tolist"):
@@ -138,12 +148,11 @@ def run(fmt: str, root: str | Path, out: str | Path, cfg: IngestConfig | None = 
         outcomes = staging / OUTCOMES_DIR
         outcomes.mkdir()
         if records:
-            ds = ray.data.from_items(records, override_num_blocks=max(1, -(-len(records) // (4 * _BATCH))))
+            ds = ray.data.from_items(records, override_num_blocks=_n_blocks(len(records), cfg.rows_per_shard))
             ds = ds.map_batches(_process_batch, batch_size=_BATCH, batch_format="numpy",
                                 fn_kwargs={"cfg_json": cfg.model_dump_json(), "ps": ps,
                                            "outcomes_dir": str(outcomes)})
-            ds.write_parquet(str(staging / SHARDS_DIR), partition_cols=["split"],
-                             min_rows_per_file=cfg.rows_per_shard)
+            ds.write_parquet(str(staging / SHARDS_DIR), partition_cols=["split"])
         summary = summarise(outcomes, pre_quarantined, fmt, cfg, time.time() - t0)
         if summary["n_records"] - len(pre_quarantined) != len(records):
             raise IngestHealthError(f"{len(records) - summary['n_records'] + len(pre_quarantined)} records came "

@@ -137,8 +137,9 @@ def test_zero0_checkpoints_resume_and_refuse_other_data(tiny_data, tmp_path):
 
     # a checkpoint missing a file its rank listed is not complete
     state, folder = finetune.find_checkpoints(workdir)[-1]
-    manifest = json.loads((folder / "ranks" / "rank-1.json").read_text())
-    victim = next(iter(manifest["files"]))
+    manifest = json.loads((folder / "ranks" / "rank-0.json").read_text())
+    assert json.loads((folder / "ranks" / "rank-1.json").read_text())["files"] == {}  # ZeRO-0: rank 0 saves
+    victim = next(f for f in manifest["files"] if f.startswith("deepspeed/"))
     (folder / victim).unlink()
     assert folder not in [f for _, f in finetune.find_checkpoints(workdir)]
 
