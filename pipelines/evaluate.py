@@ -113,6 +113,9 @@ class _Scorer:
         }
 
 
+STORE_BUDGET_PER_ACTOR = 64 * 2**20  # object-store bytes of blocks in flight per scoring actor
+
+
 def score_splits(bundle_dir: str | Path, data_dir: str | Path, blank_policy: str = "negative",
                  splits=EVAL_SPLITS) -> dict[str, dict[str, np.ndarray]]:
     """Score the labelled rows of ``splits`` in an actor pool; ``{split: {"y", *MODES: [N, L]}}``.
@@ -141,6 +144,11 @@ def score_splits(bundle_dir: str | Path, data_dir: str | Path, blank_policy: str
                                    "threads": res["threads"]},
             compute=ray.data.ActorPoolStrategy(min_size=res["min_size"], max_size=res["max_size"]),
             num_cpus=res["num_cpus"], num_gpus=res["num_gpus"])
+        # reads would otherwise run ahead of the scorers up to Ray Data's share of the whole store:
+        # a fixed budget per scoring actor keeps the store flat whatever the corpus size
+        limits = scored.context.execution_options.resource_limits
+        scored.context.execution_options.resource_limits = limits.copy(
+            object_store_memory=STORE_BUDGET_PER_ACTOR * res["max_size"])
         for batch in scored.iter_batches(batch_format="numpy", batch_size=None):
             for split in present:
                 keep = batch["split"] == split
