@@ -14,12 +14,24 @@ Pixel pipeline (:func:`decode_dicom`), in this order:
    (e.g. width < 1) leave the image unwindowed rather than failing it.
 4. **MONOCHROME1 inversion** (``x -> max + min - x``) so that higher always means
    brighter; a MONOCHROME1 image and its inverted MONOCHROME2 twin decode identically.
-5. **Resize**, aspect preserving: the longer side is scaled to ``size`` with
-   ``torch.nn.functional.interpolate`` (bilinear, antialiased); the image is later
-   centred on a ``size x size`` canvas (letterbox), so anatomy is never stretched.
+5. **Resize**, aspect preserving: the longer side is scaled to ``size`` by area averaging
+   (OpenCV ``INTER_AREA`` over whole blocks when both factors are integers, else the
+   adaptive windows of ``torch.nn.functional.interpolate(mode="area")``; bilinear when
+   enlarging); the image is later centred on a ``size x size`` canvas (letterbox), so
+   anatomy is never stretched.
 6. **Normalise** the resized image robustly to [0, 1]: clip to its 0.5th/99.5th
    percentiles, then min-max. A constant image becomes all zeros (no division by zero).
    The letterbox padding is added after normalisation and is 0 (black).
+
+Order and speed: a linear modality LUT (rescale slope/intercept, from the functional groups
+or not) and the MONOCHROME1 inversion commute with the resize (each output pixel is a
+weighted mean of input pixels), so for 8/16-bit integer grayscale frames without a VOI
+window they are applied after resizing the stored values: the same image up to float
+rounding, with no full-size float64 or float32 image. A Modality LUT Sequence, a VOI
+window (``apply_voi=True``), colour, float or 32-bit pixel data, and a rescale that
+overflows float32 keep steps 2-5 in the order above, at full size. Native pixel data is
+decoded as a view on the dataset's bytes (never modified), and pydicom's unused-bits
+correction (Bits Stored < Bits Allocated) is applied only when a value has such a bit set.
 
 Errors: every failure raises :class:`DicomDecodeError` with a stable ``reason`` code
 (see :data:`REASON_CODES`). Its message is generic by design: it never contains header
@@ -59,6 +71,7 @@ import zlib
 from dataclasses import dataclass
 from typing import BinaryIO, Union
 
+import cv2
 import numpy as np
 import pydicom
 import torch
@@ -201,12 +214,25 @@ def _load_bytes(source: Source, limit: int) -> bytes:
             raise TypeError("file-like source must be opened in binary mode")
     else:
         with open(os.fspath(source), "rb") as fh:  # type: ignore[arg-type]
-            if os.fstat(fh.fileno()).st_size > limit:
+            st_size = os.fstat(fh.fileno()).st_size
+            if st_size > limit:
                 raise _fail("too_large")
-            data = fh.read(limit + 1)
+            data = _read_bounded(fh, st_size, limit)
     if len(data) > limit:
         raise _fail("too_large")
     return bytes(data)
+
+
+def _read_bounded(fh: BinaryIO, size: int, limit: int) -> bytes:
+    """The rest of an open file found to hold ``size`` bytes, at most ``limit`` + 1 of them.
+
+    Asks for ``size`` + 1 bytes, not ``limit`` + 1: a read of ``limit`` + 1 bytes makes the reader
+    allocate that much up front (1 GiB by default) for every file.
+    """
+    data = fh.read(min(size, limit) + 1)
+    if size < len(data) <= limit:  # the file grew after fstat: read on, up to the limit
+        data += fh.read(limit + 1 - len(data))
+    return data
 
 
 def _looks_like_raw_dataset(raw: bytes) -> bool:
@@ -261,9 +287,58 @@ def _check_deflated(raw: bytes, limit: int) -> None:
         raise _fail("truncated")
 
 
-def _parse(raw: bytes, force: bool) -> tuple[Dataset, bool, bool]:
-    """dcmread from memory; returns (dataset, short_read, eof_warning)."""
-    reader = _TrackingReader(raw)
+class _TrackingFile:
+    """Read-only window on an open file for pydicom, the file twin of :class:`_TrackingReader`.
+
+    Remembers a short read (as :class:`_TrackingReader` does) and an ``OSError`` from the file,
+    and never asks the file for more than the ``size`` bytes it was found to hold: an element
+    that declares 4 GiB in a 2 MB file would otherwise make the buffered reader allocate 4 GiB.
+    Seeking and reading past ``size`` behave as on a BytesIO of the file's bytes.
+    """
+
+    def __init__(self, fh: BinaryIO, size: int):
+        self._fh, self._size, self._pos = fh, size, 0
+        self.short_read = False
+        self.io_error: OSError | None = None
+        self.seek(0)
+
+    def read(self, n: int | None = -1) -> bytes:
+        avail = max(0, self._size - self._pos)
+        want = avail if n is None or n < 0 else n
+        try:
+            data = self._fh.read(min(want, avail)) if want and avail else b""
+        except OSError as exc:
+            self.io_error = exc
+            raise
+        self._pos += len(data)
+        if n is not None and n > 0 and 0 < len(data) < n and n != _PYDICOM_SCAN_CHUNK:
+            self.short_read = True
+        return data
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self._pos, 2: self._size}[whence]
+        if base + offset < 0:
+            raise ValueError("negative seek value")
+        try:
+            self._fh.seek(base + offset)
+        except OSError as exc:
+            self.io_error = exc
+            raise
+        self._pos = base + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+
+# Files at least this large are parsed straight from the file (one copy of the pixel data, not
+# two); smaller ones, and any whose meta group names the deflated syntax, are read whole first.
+_DIRECT_READ_MIN = 1 << 20
+_HEAD_BYTES = 1 << 16
+
+
+def _parse(reader: _TrackingReader | _TrackingFile, force: bool) -> tuple[Dataset, bool, bool]:
+    """dcmread from a tracking reader; returns (dataset, short_read, eof_warning)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         ds = pydicom.dcmread(reader, force=force)
@@ -271,15 +346,108 @@ def _parse(raw: bytes, force: bool) -> tuple[Dataset, bool, bool]:
     return ds, reader.short_read, eof_warning
 
 
+def _parse_checked(make_reader, head: bytes) -> Dataset:
+    """Parse (retrying with force for a preamble-less raw dataset) and classify failures."""
+    readers: list = []
+
+    def parse(force: bool):
+        readers.append(make_reader())
+        return _parse(readers[-1], force)
+
+    try:
+        try:
+            ds, short, eof = parse(force=False)
+        except InvalidDicomError:
+            if not _looks_like_raw_dataset(head):
+                raise
+            ds, short, eof = parse(force=True)
+    except InvalidDicomError as exc:
+        raise _fail("unreadable", exc) from None
+    except (EOFError, OSError) as exc:
+        io_error = any(getattr(r, "io_error", None) is not None for r in readers)
+        raise _fail("io_error" if io_error else "truncated", exc) from None
+    except _FATAL:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - pydicom raises many types on garbage
+        if any(getattr(r, "io_error", None) is not None for r in readers):
+            raise _fail("io_error", exc) from None
+        raise _fail("unreadable", exc) from None
+    if short or eof:
+        raise _fail("truncated")
+    if len(ds) == 0:
+        # File meta only (or nothing): the main dataset is missing.
+        raise _fail("truncated" if len(getattr(ds, "file_meta", None) or ()) else "unreadable")
+    _ensure_transfer_syntax(ds)
+    return ds
+
+
+def _read_memory(raw: bytes, limit: int) -> Dataset:
+    if not raw:
+        raise _fail("unreadable")
+    try:
+        _check_deflated(raw, limit)
+    except DicomDecodeError:
+        raise
+    except Exception:  # noqa: BLE001 - a malformed meta group: leave it to pydicom
+        pass
+    return _parse_checked(lambda: _TrackingReader(raw), raw[:_HEAD_BYTES])
+
+
+def _needs_whole_read(head: bytes) -> bool:
+    """The file must be read whole first: its meta group names the deflated syntax (checked and
+    inflated in memory), or does not end within ``head``, or cannot be parsed here."""
+    try:
+        end, tsyntax = _file_meta_end(head)
+        deflated = tsyntax.rstrip(b"\x00 ").decode("ascii", "replace") == DeflatedExplicitVRLittleEndian
+    except Exception:  # noqa: BLE001 - a malformed meta group: the in-memory path classifies it
+        return True
+    return deflated or end >= len(head)
+
+
+def _read_path(path: str, limit: int) -> Dataset:
+    """A large file is parsed from the file itself (its pixel data copied once, into the Dataset);
+    others go through :func:`_read_memory` exactly as bytes would."""
+    try:
+        fh = open(path, "rb")
+    except OSError as exc:
+        raise _fail("io_error", exc) from None
+    with fh:
+        try:
+            size = os.fstat(fh.fileno()).st_size
+            if size > limit:
+                raise _fail("too_large")
+            head = fh.read(min(size, _HEAD_BYTES)) if size >= _DIRECT_READ_MIN else b""
+            whole = len(head) < _HEAD_BYTES or _needs_whole_read(head)
+            if whole:
+                fh.seek(0)
+                raw = _read_bounded(fh, size, limit)
+                if len(raw) > limit:
+                    raise _fail("too_large")
+        except DicomDecodeError:
+            raise
+        except OSError as exc:
+            raise _fail("io_error", exc) from None
+        if whole:
+            return _read_memory(raw, limit)
+        ds = _parse_checked(lambda: _TrackingFile(fh, size), head)
+    if isinstance(ds, pydicom.dataset.FileDataset):
+        ds.buffer = None  # the closed file's wrapper: nothing to re-read, and not picklable
+    return ds
+
+
 def read_dataset(source: Source, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> Dataset:
     """Parse a DICOM file (path, bytes or binary file object) into a pydicom Dataset.
 
-    The whole file is read (no deferred values). Raises :class:`DicomDecodeError` with
-    reason "unreadable", "truncated", "io_error" or "too_large" (file, or inflated deflate
-    dataset, larger than ``max_file_bytes``).
+    The whole file is read (no deferred values). A path to a file of 1 MiB or more is parsed
+    from the file itself, so that its pixel data is copied once (into the Dataset); smaller
+    files, deflated ones, bytes and file objects are read into memory first. Raises
+    :class:`DicomDecodeError` with reason "unreadable", "truncated", "io_error" or
+    "too_large" (file, or inflated deflate dataset, larger than ``max_file_bytes``).
     """
     limit = _positive_limit(max_file_bytes, "max_file_bytes")
     with quiet_pydicom():
+        if isinstance(source, (str, os.PathLike)):
+            return _read_path(os.fspath(source), limit)
         try:
             raw = _load_bytes(source, limit)
         except DicomDecodeError:
@@ -288,36 +456,7 @@ def read_dataset(source: Source, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -
             raise _fail("io_error", exc) from None
         except Exception as exc:  # noqa: BLE001 - e.g. a text-mode file object
             raise _fail("unreadable", exc) from None
-        if not raw:
-            raise _fail("unreadable")
-        try:
-            _check_deflated(raw, limit)
-        except DicomDecodeError:
-            raise
-        except Exception:  # noqa: BLE001 - a malformed meta group: leave it to pydicom
-            pass
-        try:
-            try:
-                ds, short, eof = _parse(raw, force=False)
-            except InvalidDicomError:
-                if not _looks_like_raw_dataset(raw):
-                    raise
-                ds, short, eof = _parse(raw, force=True)
-        except InvalidDicomError as exc:
-            raise _fail("unreadable", exc) from None
-        except (EOFError, OSError) as exc:
-            raise _fail("truncated", exc) from None
-        except _FATAL:
-            raise
-        except BaseException as exc:  # noqa: BLE001 - pydicom raises many types on garbage
-            raise _fail("unreadable", exc) from None
-        if short or eof:
-            raise _fail("truncated")
-        if len(ds) == 0:
-            # File meta only (or nothing): the main dataset is missing.
-            raise _fail("truncated" if len(getattr(ds, "file_meta", None) or ()) else "unreadable")
-        _ensure_transfer_syntax(ds)
-        return ds
+        return _read_memory(raw, limit)
 
 
 def _ensure_transfer_syntax(ds: Dataset) -> None:
@@ -572,7 +711,38 @@ def _modality_lut(arr: np.ndarray, ds: Dataset, frame: int) -> np.ndarray:
     return apply_modality_lut(arr, ds)
 
 
-def _modality_pixels(ds: Dataset, frame: int, max_decoded_bytes: int) -> np.ndarray:
+# Transfer syntaxes whose decoded values pydicom corrects for unused high bits (Bits Stored <
+# Bits Allocated): all but JPEG 2000 and JPEG-LS, which get a sign correction instead. For these
+# the correction is done here, and skipped when no value has a bit set outside Bits Stored.
+def _own_bit_correction(tsyntax: UID) -> bool:
+    return tsyntax not in JPEG2000TransferSyntaxes and tsyntax not in JPEGLSTransferSyntaxes
+
+
+def _correct_unused_bits(arr: np.ndarray, props: dict, keyword: str) -> np.ndarray:
+    """pydicom's unused-bits correction (shift left then right by Bits Allocated - Bits Stored),
+    on a new array and only when some value actually has a bit set outside Bits Stored."""
+    try:
+        allocated, stored = int(props["bits_allocated"]), int(props["bits_stored"])
+    except Exception:  # noqa: BLE001 - pydicom validated these; nothing to correct without them
+        return arr
+    if keyword != "PixelData" or arr.dtype.kind not in "iu" or not 0 < stored < allocated:
+        return arr
+    if arr.dtype.kind == "u":
+        if int(arr.max()) < (1 << stored):
+            return arr
+    elif -(1 << (stored - 1)) <= int(arr.min()) and int(arr.max()) < (1 << (stored - 1)):
+        return arr
+    shift = allocated - stored
+    out = np.left_shift(arr, shift)  # a new array: ``arr`` may be a view on the dataset's bytes
+    np.right_shift(out, shift, out=out)
+    return out
+
+
+def _decode_frame(ds: Dataset, frame: int, max_decoded_bytes: int) -> tuple[np.ndarray, int, str]:
+    """The validated, decoded stored values of one frame: (array, samples per pixel, photometric).
+
+    For native transfer syntaxes the array may be a read-only view on the dataset's pixel bytes.
+    """
     keyword = _pixel_keyword(ds)
     if keyword is None:
         raise _fail(_missing_pixels_reason(ds))
@@ -604,8 +774,14 @@ def _modality_pixels(ds: Dataset, frame: int, max_decoded_bytes: int) -> np.ndar
         if actual < expected:
             raise _fail("truncated")
 
+    # A view (no copy) of native data, and the unused-bits correction only where it changes
+    # something: the same values as pydicom's defaults, without two full-image passes.
+    own_bits = _own_bit_correction(tsyntax)
+    options = {"correct_unused_bits": False} if own_bits else {}
+    if not tsyntax.is_encapsulated:
+        options["view_only"] = True
     try:
-        arr, _ = decoder.as_array(ds, index=frame)
+        arr, props = decoder.as_array(ds, index=frame, **options)
     except DicomDecodeError:
         raise
     except _FATAL:
@@ -615,14 +791,22 @@ def _modality_pixels(ds: Dataset, frame: int, max_decoded_bytes: int) -> np.ndar
 
     if arr.size == 0:
         raise _fail("bad_shape")
+    if own_bits:
+        arr = _correct_unused_bits(arr, props, keyword)
     photometric = (_header_str(ds, "PhotometricInterpretation") or "").upper()
+    if spp == 3:
+        if arr.ndim != 3 or arr.shape[-1] != 3:
+            raise _fail("bad_shape")
+    elif arr.ndim != 2:
+        raise _fail("bad_shape")
+    return arr, spp, photometric
+
+
+def _to_modality(arr: np.ndarray, ds: Dataset, frame: int, spp: int, photometric: str) -> np.ndarray:
+    """Decoded stored values -> float32 modality values (or luminance), at full size."""
     try:
         if spp == 3:
-            if arr.ndim != 3 or arr.shape[-1] != 3:
-                raise _fail("bad_shape")
             return _luminance(arr)
-        if arr.ndim != 2:
-            raise _fail("bad_shape")
         if photometric == "PALETTE COLOR":
             return _luminance(apply_color_lut(arr, ds))
         out = _modality_lut(arr, ds, frame)
@@ -630,7 +814,13 @@ def _modality_pixels(ds: Dataset, frame: int, max_decoded_bytes: int) -> np.ndar
         raise
     except Exception as exc:  # noqa: BLE001 - malformed LUT / rescale values
         raise _fail("decode_failed", exc) from None
-    return np.asarray(out, dtype=np.float32)
+    out = np.asarray(out, dtype=np.float32)
+    return out if out.flags.writeable else out.copy()  # never hand out a view on the dataset
+
+
+def _modality_pixels(ds: Dataset, frame: int, max_decoded_bytes: int) -> np.ndarray:
+    arr, spp, photometric = _decode_frame(ds, frame, max_decoded_bytes)
+    return _to_modality(arr, ds, int(frame), spp, photometric)
 
 
 def modality_pixels(ds: Dataset, frame: int = 0, *, max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES) -> np.ndarray:
@@ -687,14 +877,52 @@ def _apply_voi(x: np.ndarray, ds: Dataset) -> np.ndarray:
     return out if np.isfinite(out).all() else x
 
 
-def _resize_fit(x: np.ndarray, size: int) -> np.ndarray:
-    """Scale so the longer side equals ``size`` (aspect preserved), bilinear + antialias."""
-    h, w = x.shape
+def _fit_shape(h: int, w: int, size: int) -> tuple[int, int]:
+    """Output (rows, columns) with the longer side ``size``, aspect preserved."""
     scale = size / max(h, w)
-    new_h = min(size, max(1, int(round(h * scale))))
-    new_w = min(size, max(1, int(round(w * scale))))
+    return min(size, max(1, int(round(h * scale)))), min(size, max(1, int(round(w * scale))))
+
+
+# Pixels per strip when an integer-factor area reduction converts to float32 strip by strip
+# (a cache-sized buffer instead of a full-size float32 copy of the image).
+_STRIP_PIXELS = 1 << 17
+
+
+def _area_integer(x: np.ndarray, new_h: int, new_w: int) -> np.ndarray:
+    """Box average over whole ``h/new_h`` x ``w/new_w`` blocks (both integers), float32 out."""
+    h, w = x.shape
+    ky = h // new_h
+    if x.dtype == np.float32:
+        return cv2.resize(x, (new_w, new_h), interpolation=cv2.INTER_AREA)
+    out = np.empty((new_h, new_w), dtype=np.float32)
+    per = max(1, _STRIP_PIXELS // (ky * w))  # output rows per strip
+    buf = np.empty((per * ky, w), dtype=np.float32)
+    for r in range(0, new_h, per):
+        n = min(per, new_h - r)
+        strip = buf[: n * ky]
+        np.copyto(strip, x[r * ky : (r + n) * ky], casting="unsafe")
+        out[r : r + n] = cv2.resize(strip, (new_w, n), interpolation=cv2.INTER_AREA)
+    return out
+
+
+def _resize_fit(x: np.ndarray, size: int) -> np.ndarray:
+    """Scale so the longer side equals ``size`` (aspect preserved); float32 out.
+
+    Shrinking averages pixel areas: over whole blocks (OpenCV's INTER_AREA, converting to float32
+    strip by strip) when both factors are integers, else over the adaptive-pooling windows of
+    ``torch.nn.functional.interpolate(mode="area")``. Enlarging is bilinear. Values are linear
+    combinations of the input with non-negative weights summing to 1, so the resize commutes
+    with any affine map of the values (a rescale slope/intercept, the MONOCHROME1 inversion).
+    """
+    h, w = x.shape
+    new_h, new_w = _fit_shape(h, w, size)
     if (new_h, new_w) == (h, w):
-        return x
+        return np.array(x, dtype=np.float32)
+    if new_h <= h and new_w <= w:
+        if h % new_h == 0 and w % new_w == 0:
+            return _area_integer(x, new_h, new_w)
+        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None, None]
+        return F.interpolate(t, size=(new_h, new_w), mode="area")[0, 0].numpy()
     t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None, None]
     out = F.interpolate(t, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
     return out[0, 0].numpy()
@@ -721,27 +949,80 @@ def _letterbox(x: np.ndarray, size: int) -> np.ndarray:
     return canvas
 
 
-def _display(ds: Dataset, size: int, apply_voi: bool, frame: int, max_decoded_bytes: int) -> DecodedImage:
-    x = _modality_pixels(ds, frame, max_decoded_bytes)
-    photometric = _header_str(ds, "PhotometricInterpretation")
-    grayscale = (photometric or "").upper() not in _COLOR
-    if apply_voi and grayscale:
-        x = _apply_voi(x, ds)
+def _has_voi(ds: Dataset) -> bool:
+    return ("WindowCenter" in ds and "WindowWidth" in ds) or "VOILUTSequence" in ds
+
+
+def _linear_modality(ds: Dataset, frame: int) -> tuple[float, float] | None:
+    """(slope, intercept) when the frame's modality LUT is linear, None for a Modality LUT
+    Sequence or rescale values that are not plain numbers (left to ``_to_modality``)."""
+    rescale = _frame_rescale(ds, frame)
+    if rescale is not None:
+        return rescale
+    if ds.get("ModalityLUTSequence"):
+        return None
+    if "RescaleSlope" in ds and "RescaleIntercept" in ds:
+        slope, intercept = ds.RescaleSlope, ds.RescaleIntercept
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (slope, intercept)):
+            return None
+        return float(slope), float(intercept)
+    return 1.0, 0.0
+
+
+def _resized_linear(arr: np.ndarray, ds: Dataset, frame: int, size: int, mono1: bool) -> np.ndarray | None:
+    """Resize the stored values first, then apply the linear modality LUT and the MONOCHROME1
+    inversion to the small image: they commute with the area/bilinear resize, so this equals
+    LUT -> invert -> resize (up to float rounding) without full-size float work. None when the
+    frame does not qualify (not 8/16-bit integers, a non-linear LUT, non-finite results)."""
+    if arr.ndim != 2 or arr.dtype.kind not in "iu" or arr.dtype.itemsize > 2:
+        return None
+    try:
+        linear = _linear_modality(ds, frame)
+    except Exception as exc:  # noqa: BLE001 - malformed rescale values
+        raise _fail("decode_failed", exc) from None
+    if linear is None:
+        return None
+    slope, intercept = linear
+    x = _resize_fit(arr, size)
+    if (slope, intercept) != (1.0, 0.0):
+        with np.errstate(all="ignore"):
+            x = (x.astype(np.float64) * slope + intercept).astype(np.float32)
     if not np.isfinite(x).all():
-        finite = np.isfinite(x)
-        if not finite.any():
-            raise _fail("decode_failed")
-        x = np.where(finite, x, x[finite].min()).astype(np.float32)
-    if (photometric or "").upper() == "MONOCHROME1":
+        return None  # overflow: the full-size path replaces non-finite values first
+    if mono1:
         x = (x.max() + x.min()) - x
-    x = _normalise(_resize_fit(x, size))
+    return x
+
+
+def _display(ds: Dataset, size: int, apply_voi: bool, frame: int, max_decoded_bytes: int) -> DecodedImage:
+    arr, spp, pi = _decode_frame(ds, frame, max_decoded_bytes)
+    photometric = _header_str(ds, "PhotometricInterpretation")
+    grayscale = pi not in _COLOR
+    x = None
+    if spp == 1 and grayscale and not (apply_voi and _has_voi(ds)):
+        x = _resized_linear(arr, ds, int(frame), size, pi == "MONOCHROME1")
+    if x is None:
+        # Full-size order: modality LUT, VOI window, non-finite repair, inversion, then resize.
+        x = _to_modality(arr, ds, int(frame), spp, pi)
+        if apply_voi and grayscale:
+            x = _apply_voi(x, ds)
+        if not np.isfinite(x).all():
+            finite = np.isfinite(x)
+            if not finite.any():
+                raise _fail("decode_failed")
+            x = np.where(finite, x, x[finite].min()).astype(np.float32)
+        if pi == "MONOCHROME1":
+            x = (x.max() + x.min()) - x
+        x = _resize_fit(x, size)
+    x = _normalise(x)
     view = _header_str(ds, "ViewPosition")
+    tsyntax = _transfer_syntax(ds)
     return DecodedImage(
         pixels=_letterbox(x, size),
         modality=_header_str(ds, "Modality"),
         view_position=view.upper() if view else None,
         photometric=photometric,
-        transfer_syntax=str(_transfer_syntax(ds)) if _transfer_syntax(ds) else None,
+        transfer_syntax=str(tsyntax) if tsyntax else None,
         n_frames=_n_frames(ds),
         frame=int(frame),
     )

@@ -106,14 +106,13 @@ class _Scorer:
         scores = score_rows(self.bundle, rows)
         raw = np.stack([np.asarray(v, dtype=np.float32) for v in rows["labels"]])[:, self.idx]
         return {
-            "split": np.asarray(rows["split"]),
             "y": evaluation_targets(raw, blank_policy=self.blank_policy),
             "image_only": np.asarray(scores["image_only"], dtype=np.float32),
             "image_text": np.asarray(scores["image_text"], dtype=np.float32),
         }
 
 
-STORE_BUDGET_PER_ACTOR = 64 * 2**20  # object-store bytes of blocks in flight per scoring actor
+STORE_BATCHES_PER_ACTOR = 2  # image batches in flight per scoring actor (the object-store budget)
 
 
 def score_splits(bundle_dir: str | Path, data_dir: str | Path, blank_policy: str = "negative",
@@ -123,38 +122,37 @@ def score_splits(bundle_dir: str | Path, data_dir: str | Path, blank_policy: str
     Reads only those splits' shards and the diagnosis columns; a split with no shards gives
     empty arrays."""
     import ray
-    from ray.data.expressions import lit
 
     from medfuse_core.models.bundle import read_bundle_meta
 
     n_labels = len(read_bundle_meta(bundle_dir)["label_names"])
     parts = {s: {k: [] for k in ("y",) + MODES} for s in splits}
-    present = [s for s in splits if has_split(data_dir, s)]
-    if present:
-        ds = None
-        for split in present:
-            one = read_split(data_dir, split, DIAGNOSIS_COLUMNS, labelled_only=True).with_column("split", lit(split))
-            ds = one if ds is None else ds.union(one)
-        res = scorer_resources(ray.cluster_resources())
-        log.info("scoring %s with up to %d actor(s) of %d CPU(s)%s", "+".join(present), res["max_size"],
-                 res["num_cpus"], " and 1 GPU" if res["num_gpus"] else "")
-        scored = ds.map_batches(
-            _Scorer, batch_size=BATCH_SIZE, batch_format="numpy",
-            fn_constructor_kwargs={"bundle_dir": str(bundle_dir), "blank_policy": blank_policy,
-                                   "threads": res["threads"]},
-            compute=ray.data.ActorPoolStrategy(min_size=res["min_size"], max_size=res["max_size"]),
-            num_cpus=res["num_cpus"], num_gpus=res["num_gpus"])
-        # reads would otherwise run ahead of the scorers up to Ray Data's share of the whole store:
-        # a fixed budget per scoring actor keeps the store flat whatever the corpus size
-        limits = scored.context.execution_options.resource_limits
-        scored.context.execution_options.resource_limits = limits.copy(
-            object_store_memory=STORE_BUDGET_PER_ACTOR * res["max_size"])
-        for batch in scored.iter_batches(batch_format="numpy", batch_size=None):
-            for split in present:
-                keep = batch["split"] == split
-                if keep.any():
-                    for k in ("y",) + MODES:
-                        parts[split][k].append(np.asarray(batch[k], dtype=np.float32)[keep])
+    res = scorer_resources(ray.cluster_resources())
+    ctx = ray.data.DataContext.get_current()
+    before = ctx.execution_options.resource_limits
+    # reads would otherwise run ahead of the scorers up to Ray Data's share of the whole store:
+    # a fixed budget per scoring actor keeps the store flat whatever the corpus size
+    # (blocks of about one batch, else a whole small split is read as one block)
+    batch_bytes = BATCH_SIZE * 2 * int(read_bundle_meta(bundle_dir)["image_size"]) ** 2  # float16 pixels
+    block_before = ctx.target_max_block_size
+    ctx.target_max_block_size = batch_bytes
+    ctx.execution_options.resource_limits = before.copy(
+        object_store_memory=STORE_BATCHES_PER_ACTOR * batch_bytes * res["max_size"])
+    try:
+        for split in (s for s in splits if has_split(data_dir, s)):  # one streaming pass per split
+            log.info("scoring %s with up to %d actor(s) of %d CPU(s)%s", split, res["max_size"],
+                     res["num_cpus"], " and 1 GPU" if res["num_gpus"] else "")
+            scored = read_split(data_dir, split, DIAGNOSIS_COLUMNS, labelled_only=True).map_batches(
+                _Scorer, batch_size=BATCH_SIZE, batch_format="numpy",
+                fn_constructor_kwargs={"bundle_dir": str(bundle_dir), "blank_policy": blank_policy,
+                                       "threads": res["threads"]},
+                compute=ray.data.ActorPoolStrategy(min_size=res["min_size"], max_size=res["max_size"]),
+                num_cpus=res["num_cpus"], num_gpus=res["num_gpus"])
+            for batch in scored.iter_batches(batch_format="numpy", batch_size=None):
+                for k in ("y",) + MODES:
+                    parts[split][k].append(np.asarray(batch[k], dtype=np.float32))
+    finally:
+        ctx.execution_options.resource_limits, ctx.target_max_block_size = before, block_before
     return {s: {k: np.concatenate(v) if v else np.zeros((0, n_labels), np.float32) for k, v in d.items()}
             for s, d in parts.items()}
 
@@ -207,6 +205,8 @@ def attention_figure(bundle_dir: Path, data_dir: Path, scored_labels=None, n: in
         return None
     rows = table.to_pydict()
     bundle = load_bundle(bundle_dir)
+    if bundle.tokenizer is None:  # image-only model: no text, so no text-to-image map
+        return None
     images = blobs_to_images(rows["image"], rows["image_size"])
     tok = tokenize(bundle.tokenizer, rows["context"], bundle.model_config.text.max_tokens)
     with torch.no_grad():
