@@ -84,6 +84,7 @@ def _process_batch(batch: dict, cfg_json: str, ps: Pseudonymizer, outcomes_dir: 
     """
     import pyarrow.parquet as pq
 
+    _one_thread()
     cfg = IngestConfig.model_validate_json(cfg_json)
     shard_schema, outcome_schema = _schemas()
     keys = list(batch.keys())
@@ -99,12 +100,22 @@ def _process_batch(batch: dict, cfg_json: str, ps: Pseudonymizer, outcomes_dir: 
 
 def _n_blocks(n_records: int, rows_per_shard: int) -> int:
     """Blocks of about ``rows_per_shard`` records (one shard file per split each: the fused map +
-    write task holds one block's images), but at least four per CPU so small corpora still use
+    write task holds one block's images), but at least eight per CPU so small corpora still use
     every core."""
     import ray
 
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    return max(1, -(-n_records // rows_per_shard), min(-(-n_records // _BATCH), 4 * cpus))
+    return max(1, -(-n_records // rows_per_shard), min(-(-n_records // _BATCH), 8 * cpus))
+
+
+def _one_thread() -> None:
+    """A map task holds one CPU: keep OpenCV and torch from spawning a thread per core each."""
+    import cv2
+    import torch
+
+    cv2.setNumThreads(1)
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
 
 
 def _py(value):
