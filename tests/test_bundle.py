@@ -111,3 +111,30 @@ def test_save_rejects_label_count_mismatch(tmp_path, tokenizer):
 def test_load_rejects_non_bundle(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a medfuse bundle"):
         load_bundle(tmp_path)
+
+
+def test_image_only_bundle_round_trip(tmp_path):
+    """No text encoder: no text_encoder/ folder, tokenizer None, identical logits, image-only scoring."""
+    from medfuse_core.inference import predict_probabilities, score_rows
+
+    cfg = ModelConfig(vision=VisionConfig(name="resnet18", in_channels=1), text=TextConfig(name_or_path="none"),
+                      fusion=FusionConfig(name="image_only", dim=32, heads=2), head=HeadConfig(hidden=0))
+    torch.manual_seed(0)
+    model = build_model(cfg, len(LABELS), 64).eval()
+    images = torch.randn(3, 1, 64, 64, generator=torch.Generator().manual_seed(0))
+    expected = _logits(model, (images,))
+    out = save_bundle(model, cfg, LABELS, 64, tmp_path / "bundle")
+    assert {p.name for p in out.iterdir()} == {"model.safetensors", "medfuse_model.json"}
+    assert json.loads((out / "medfuse_model.json").read_text())["format_version"] == 1
+    loaded = load_bundle(out)
+    assert loaded.tokenizer is None and loaded.model.text_encoder is None
+    assert loaded.model_config == cfg
+    assert torch.equal(_logits(loaded.model, (images,)), expected)
+
+    pixels = np.random.default_rng(0).random((3, 64, 64)).astype(np.float32)
+    with_text = predict_probabilities(loaded, pixels, ["cough", "fever", ""])
+    np.testing.assert_array_equal(with_text, predict_probabilities(loaded, pixels, None))
+    rows = {"image": [p.astype(np.float16).tobytes() for p in pixels], "image_size": [64] * 3,
+            "context": ["cough", "", "fever"]}
+    scores = score_rows(loaded, rows)
+    np.testing.assert_array_equal(scores["image_only"], scores["image_text"])

@@ -9,7 +9,8 @@ from medfuse_core.models.fusion import FUSION_MODULES, FusionOutput, MultiHeadAt
 
 DIM, HEADS, LAYERS = 16, 2, 2
 B, NI, NT = 3, 5, 4
-NAMES = FUSION_MODULES.names()
+# the cross-modal modules; "image_only" reads no text and has its own tests below
+NAMES = [n for n in FUSION_MODULES.names() if n != "image_only"]
 
 
 def _module(name: str, dropout: float = 0.0):
@@ -33,6 +34,20 @@ def _inputs():
 
 def test_registry_has_required_modules():
     assert {"concat", "gated", "cross_attention", "co_attention"} <= set(NAMES)
+    assert "image_only" in FUSION_MODULES
+
+
+def test_image_only_is_the_mean_image_token_and_ignores_text():
+    module = _module("image_only").eval()
+    img, txt, mask = _inputs()
+    out = module(img, txt, mask)
+    assert isinstance(out, FusionOutput) and out.attention == {}
+    assert out.fused.shape == (B, module.out_dim) == (B, DIM)
+    torch.testing.assert_close(out.fused, img.mean(dim=1))
+    assert torch.equal(module(img, txt * 100.0, ~mask).fused, out.fused)  # text is not read
+    assert torch.equal(module(img, txt[:, :0], mask[:, :0]).fused, out.fused)  # zero-length text works
+    assert torch.equal(module(img).fused, out.fused)  # and no text at all
+    assert not list(module.parameters()) and module.uses_text is False
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -310,3 +310,84 @@ def test_core_does_not_import_cluster_libraries():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True, cwd=REPO_ROOT)
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+# --------------------------------------------------------------------------- image-only models
+
+
+def _image_only_cfg(fusion: str = "image_only") -> ModelConfig:
+    return ModelConfig(
+        vision=VisionConfig(name="resnet18", in_channels=1),
+        text=TextConfig(name_or_path="none"),
+        fusion=FusionConfig(name=fusion, dim=32, heads=2, layers=1, dropout=0.0),
+        head=HeadConfig(hidden=0, dropout=0.0),
+    )
+
+
+def test_text_none_spellings_mean_no_text_encoder():
+    assert TextConfig(name_or_path="None").name_or_path == "none" and not TextConfig(name_or_path="none").enabled
+    assert TextConfig(name_or_path=None).name_or_path == "none"
+    assert TextConfig().enabled
+    assert load_tokenizer("none") is None
+
+
+@pytest.mark.parametrize("fusion", ["image_only", "concat", "co_attention"])
+def test_image_only_model_builds_no_text_encoder_and_ignores_text(fusion):
+    torch.manual_seed(0)
+    model = build_model(_image_only_cfg(fusion), num_labels=3, image_size=64).eval()
+    assert model.text_encoder is None and model.text_proj is None and not model.uses_text
+    assert not any(n.startswith(("text_encoder.", "text_proj.")) for n, _ in model.named_parameters())
+    images, ids, mask = _batch()
+    with torch.no_grad():
+        plain = model(images)["logits"]
+        with_text = model(images, ids, mask, text_present=torch.ones(4, dtype=torch.bool))["logits"]
+    assert plain.shape == (4, 3) and torch.isfinite(plain).all()
+    assert torch.equal(plain, with_text)  # text arguments are ignored
+
+
+def test_image_only_model_trains_and_groups_params():
+    torch.manual_seed(0)
+    model = build_model(_image_only_cfg(), num_labels=3, image_size=64).train()
+    groups = model.param_groups(lr=1e-3, text_lr=1e-5, weight_decay=0.1)
+    assert {g["name"] for g in groups} == {"main", "main_no_decay"}
+    grouped = {id(p) for g in groups for p in g["params"]}
+    assert grouped == {id(p) for p in model.parameters() if p.requires_grad}
+    images, _, _ = _batch()
+    targets = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    opt = torch.optim.AdamW(groups)
+    losses = []
+    for _ in range(6):
+        loss = masked_bce_with_logits(model(images)["logits"], targets, torch.ones_like(targets))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses
+
+
+def test_image_only_fusion_with_a_text_encoder_skips_it(monkeypatch):
+    model = build_model(_cfg("image_only"), num_labels=3, image_size=64, text_config=TINY_TEXT).eval()
+    assert model.text_encoder is not None and not model.uses_text
+
+    def boom(*args, **kwargs):
+        raise AssertionError("text encoder called")
+
+    monkeypatch.setattr(model.text_encoder, "forward", boom)
+    images, ids, mask = _batch()
+    with torch.no_grad():
+        assert torch.equal(model(images, ids, mask)["logits"], model(images)["logits"])
+
+
+def test_make_batch_without_tokenizer_has_no_text_keys():
+    import numpy as np
+
+    from medfuse_core.batching import make_batch, tokenize
+
+    assert tokenize(None, ["a", ""], 8) == {}
+    img = np.random.default_rng(0).random((2, 32, 32)).astype(np.float16)
+    rows = {"image": [im.tobytes() for im in img], "image_size": np.array([32, 32]),
+            "context": np.array(["cough", ""], dtype=object), "labels": [np.full(14, np.nan, np.float32)] * 2}
+    batch = make_batch(rows, None, labels=["Edema", "Atelectasis"], image_size=32, max_tokens=8, train=True,
+                       text_dropout=0.5, augment_images=True)
+    assert not {"input_ids", "attention_mask", "text_present"} & set(batch)
+    assert batch["images"].shape == (2, 1, 32, 32) and batch["targets"].shape == (2, 2)

@@ -5,10 +5,13 @@ A bundle directory holds::
     model.safetensors     full DiagnosisModel state dict (no pickle)
     medfuse_model.json    model config, label names, image size, extra (e.g. thresholds)
     text_encoder/         tokenizer files + the transformers config of the text encoder
+                          (absent for an image-only model: ``model.text.name_or_path: none``)
 
 Loading rebuilds the text encoder skeleton with ``AutoModel.from_config`` from
 ``text_encoder/`` (the original ``name_or_path`` is not needed), ignores the vision
-``weights_path``, and then loads every weight from ``model.safetensors``.
+``weights_path``, and then loads every weight from ``model.safetensors``. An image-only
+bundle loads with ``tokenizer=None``. The format version did not change for image-only
+bundles: a bundle with ``text_encoder/`` loads as before.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ FORMAT_VERSION = 1
 
 @dataclass
 class LoadedBundle:
-    """What :func:`load_bundle` returns; ``model`` is in eval mode."""
+    """What :func:`load_bundle` returns; ``model`` is in eval mode; ``tokenizer`` is None for an
+    image-only model."""
 
     model: DiagnosisModel
     model_config: ModelConfig
@@ -69,7 +73,8 @@ def save_bundle(
 ) -> Path:
     """Write a bundle to ``out_dir`` (created if needed) and return its path.
 
-    ``tokenizer`` defaults to ``load_tokenizer(cfg.text.name_or_path)``; ``extra`` must be
+    ``tokenizer`` defaults to ``load_tokenizer(cfg.text.name_or_path)`` (none is written for a
+    model without a text encoder); ``extra`` must be
     JSON-serialisable (numpy values are converted with ``tolist``). ``state_dict`` replaces the
     model's own weights, e.g. the consolidated weights of a ZeRO-3 sharded model.
     """
@@ -81,12 +86,13 @@ def save_bundle(
         raise ValueError(f"{len(label_names)} label names for a model with {model.num_labels} outputs")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    text_dir = out / TEXT_DIR
-    text_dir.mkdir(exist_ok=True)
-    if tokenizer is None:
-        tokenizer = load_tokenizer(cfg.text.name_or_path)
-    tokenizer.save_pretrained(str(text_dir))
-    model.text_encoder.config.save_pretrained(str(text_dir))
+    if model.text_encoder is not None:
+        text_dir = out / TEXT_DIR
+        text_dir.mkdir(exist_ok=True)
+        if tokenizer is None:
+            tokenizer = load_tokenizer(cfg.text.name_or_path)
+        tokenizer.save_pretrained(str(text_dir))
+        model.text_encoder.config.save_pretrained(str(text_dir))
     meta = {
         "format_version": FORMAT_VERSION,
         "model_config": cfg.model_dump(mode="json"),
@@ -129,9 +135,11 @@ def load_bundle(bundle_dir: str | Path, device: str = "cpu") -> LoadedBundle:
     cfg = ModelConfig.model_validate(meta["model_config"])
     labels = list(meta["label_names"])
     image_size = int(meta["image_size"])
-    text_dir = str(root / TEXT_DIR)
-    text_config = AutoConfig.from_pretrained(text_dir)
-    tokenizer = AutoTokenizer.from_pretrained(text_dir)
+    text_config = tokenizer = None
+    if cfg.text.enabled:
+        text_dir = str(root / TEXT_DIR)
+        text_config = AutoConfig.from_pretrained(text_dir)
+        tokenizer = AutoTokenizer.from_pretrained(text_dir)
     model = build_model(cfg, len(labels), image_size, text_config=text_config, load_vision_weights=False)
     load_model(model, str(root / WEIGHTS_FILE), strict=True, device=device)
     model.to(device).eval()

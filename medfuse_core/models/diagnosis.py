@@ -1,4 +1,4 @@
-"""The diagnosis model: vision encoder + text encoder -> fusion -> multi-label head."""
+"""The diagnosis model: vision encoder (+ optional text encoder) -> fusion -> multi-label head."""
 
 from __future__ import annotations
 
@@ -45,12 +45,15 @@ class DiagnosisModel(nn.Module):
     embedding for CNN feature maps; ViT tokens already carry positions); text hidden
     states go through LayerNorm + Linear to ``dim``; the fusion module combines them
     and the head produces ``[B, num_labels]`` logits.
+
+    ``text_encoder=None`` builds an image-only model (no text encoder, no text projection):
+    ``forward`` ignores any text arguments and the fusion sees zero-length text.
     """
 
     def __init__(
         self,
         vision_encoder: VisionEncoder,
-        text_encoder: TextEncoder,
+        text_encoder: Optional[TextEncoder],
         fusion: nn.Module,
         head: nn.Module,
         dim: int,
@@ -64,7 +67,10 @@ class DiagnosisModel(nn.Module):
         if not vision_encoder.has_positions:
             self.image_pos = LearnedPositions2d(dim, *vision_encoder.grid_size(image_size, image_size))
         self.text_encoder = text_encoder
-        self.text_proj = nn.Sequential(nn.LayerNorm(text_encoder.hidden_size), nn.Linear(text_encoder.hidden_size, dim))
+        self.text_proj: Optional[nn.Module] = None
+        if text_encoder is not None:
+            self.text_proj = nn.Sequential(nn.LayerNorm(text_encoder.hidden_size),
+                                           nn.Linear(text_encoder.hidden_size, dim))
         self.fusion = fusion
         self.head = head
         self.dim = dim
@@ -93,11 +99,13 @@ class DiagnosisModel(nn.Module):
         """Returns ``{"logits": [B, L], "attention": {name: map}}``.
 
         ``text_present [B]`` (bool) hides the whole text of rows where it is False;
-        ``input_ids=None`` predicts from images only and skips the text encoder.
+        ``input_ids=None`` predicts from images only and skips the text encoder, as does a
+        model without a text encoder or a fusion module that uses no text (any text
+        arguments are then ignored).
         """
         img = self.encode_image(images)
         b = img.shape[0]
-        if input_ids is None:
+        if input_ids is None or not self.uses_text:
             txt = img.new_zeros(b, 0, self.dim)
             mask = torch.zeros(b, 0, dtype=torch.bool, device=img.device)
         else:
@@ -109,6 +117,11 @@ class DiagnosisModel(nn.Module):
                 mask = mask & text_present.to(device=mask.device, dtype=torch.bool).unsqueeze(1)
         out = self.fusion(img, txt, mask)
         return {"logits": self.head(out.fused), "attention": out.attention}
+
+    @property
+    def uses_text(self) -> bool:
+        """True when the model has a text encoder and its fusion module reads text."""
+        return self.text_encoder is not None and getattr(self.fusion, "uses_text", True)
 
     def param_groups(self, lr: float, text_lr: float, weight_decay: float) -> list[dict[str, Any]]:
         """Optimizer parameter groups over trainable parameters.
@@ -149,7 +162,8 @@ def build_model(
     """Build a :class:`DiagnosisModel` from a :class:`ModelConfig`.
 
     By default the text encoder is loaded with ``from_pretrained(cfg.text.name_or_path)``
-    and the vision weights from ``cfg.vision.weights_path`` (if set). For rebuilding a
+    and the vision weights from ``cfg.vision.weights_path`` (if set);
+    ``cfg.text.name_or_path: none`` builds no text encoder (an image-only model). For rebuilding a
     saved model without the original files, pass ``text_config`` (a transformers config:
     the text encoder is built with ``from_config``, random weights) and
     ``load_vision_weights=False``; the caller then loads the full state dict.
@@ -157,7 +171,9 @@ def build_model(
     if num_labels < 1:
         raise ValueError("num_labels must be >= 1")
     vision = build_vision_encoder(cfg.vision, image_size, load_weights=load_vision_weights)
-    text = TextEncoder(cfg.text.name_or_path, cfg.text.trainable_layers, config=text_config)
+    text = None
+    if cfg.text.enabled:
+        text = TextEncoder(cfg.text.name_or_path, cfg.text.trainable_layers, config=text_config)
     f = cfg.fusion
     fusion = build_fusion(f.name, dim=f.dim, heads=f.heads, layers=f.layers, dropout=f.dropout)
     head = build_head(cfg.head, fusion.out_dim, num_labels)

@@ -322,6 +322,32 @@ class CoAttentionFusion(_NullTextFusion):
         return FusionOutput(fused, attention)
 
 
+@FUSION_MODULES.register("image_only")
+class ImageOnlyFusion(nn.Module):
+    """No fusion: the mean of the projected image tokens goes to the head; the text is ignored.
+
+    For image-only models (``model.text.name_or_path: none``) and baselines. Any text
+    arguments are accepted and unused (nothing is rejected); ``heads``, ``layers`` and
+    ``dropout`` are accepted for a uniform signature. No parameters, no attention maps.
+    ``uses_text = False`` lets the model skip the text encoder.
+    """
+
+    uses_text = False
+
+    def __init__(self, dim: int, heads: int = 1, layers: int = 1, dropout: float = 0.0):
+        super().__init__()
+        self.out_dim = dim
+
+    def forward(
+        self,
+        img_tokens: torch.Tensor,
+        txt_tokens: Optional[torch.Tensor] = None,
+        txt_mask: Optional[torch.Tensor] = None,
+    ) -> FusionOutput:
+        """See class docstring."""
+        return FusionOutput(img_tokens.mean(dim=1), {})
+
+
 def build_fusion(name: str, dim: int, heads: int, layers: int, dropout: float) -> nn.Module:
     """Instantiate a registered fusion module."""
     return FUSION_MODULES.get(name)(dim=dim, heads=heads, layers=layers, dropout=dropout)

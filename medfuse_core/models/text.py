@@ -13,6 +13,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from medfuse_core.config import NO_TEXT  # model.text.name_or_path of an image-only model
+
 MINILM_ALIAS = "minilm"
 
 
@@ -26,9 +28,12 @@ def resolve_text_model(name_or_path: str) -> str:
 
 
 def load_tokenizer(name_or_path: str | Path):
-    """``AutoTokenizer.from_pretrained`` on the resolved name or local path."""
+    """``AutoTokenizer.from_pretrained`` on the resolved name or local path; None for ``"none"``
+    (an image-only model has no tokenizer)."""
     from transformers import AutoTokenizer
 
+    if str(name_or_path).strip().lower() == NO_TEXT:
+        return None
     return AutoTokenizer.from_pretrained(resolve_text_model(str(name_or_path)))
 
 
