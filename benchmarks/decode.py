@@ -1,4 +1,4 @@
-"""Decoding throughput per core: ``medfuse_core.dicom.decode_dicom`` vs a plain pydicom loop vs MONAI.
+"""Decoding throughput per core: ``medfuse_core.data.dicom.decode_dicom`` vs a plain pydicom loop vs MONAI.
 
 One command::
 
@@ -40,7 +40,7 @@ JSON, and a Markdown table is printed. The script asserts nothing about timings;
 non-zero only when pixels disagree.
 
 Before/after figures for a change to the decoder: ``--libs medfuse --medfuse-module OLD.py``
-times another copy of ``medfuse_core/dicom.py`` (e.g. ``git show REV:medfuse_core/dicom.py``).
+times another copy of ``medfuse_core/data/dicom.py`` (e.g. ``git show REV:medfuse_core/data/dicom.py``).
 """
 
 from __future__ import annotations
@@ -201,7 +201,7 @@ def _decoder(lib: str, module: str | None = None):
         pass
     if lib == "medfuse":
         sys.path.insert(0, str(REPO))
-        if module:  # another copy of medfuse_core/dicom.py (e.g. an earlier version), for before/after
+        if module:  # another copy of medfuse_core/data/dicom.py (e.g. an earlier version), for before/after
             import importlib.util
 
             spec = importlib.util.spec_from_file_location("medfuse_dicom_under_test", module)
@@ -210,9 +210,9 @@ def _decoder(lib: str, module: str | None = None):
             spec.loader.exec_module(mod)
             decode_dicom = mod.decode_dicom
         else:
-            from medfuse_core.dicom import decode_dicom
+            from medfuse_core.data.dicom import decode_dicom
 
-        return (lambda path: decode_dicom(path, SIZE).pixels), {"module": module or "medfuse_core.dicom"}
+        return (lambda path: decode_dicom(path, SIZE).pixels), {"module": module or "medfuse_core.data.dicom"}
     if lib == "plain":
         import pydicom
         import torch.nn.functional as F
@@ -375,7 +375,7 @@ def machine_facts() -> dict:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                                 text=True).stdout.strip() or None
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "medfuse_core/dicom.py"], cwd=REPO,
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "medfuse_core/data/dicom.py"], cwd=REPO,
                                     capture_output=True, text=True).stdout.strip())
     except OSError:
         commit, dirty = None, None
@@ -417,8 +417,8 @@ def main(argv=None) -> int:
     p.add_argument("--passes", type=int, default=3, help="passes over the set per repetition")
     p.add_argument("--save-reference", help="store medfuse's outputs (npz) for a later --reference")
     p.add_argument("--reference", help="compare medfuse's outputs with this npz (correlation >= 0.999)")
-    p.add_argument("--medfuse-module", help="time this copy of medfuse_core/dicom.py instead of the installed "
-                   "one (e.g. one written by 'git show REV:medfuse_core/dicom.py'), for before/after figures")
+    p.add_argument("--medfuse-module", help="time this copy of medfuse_core/data/dicom.py instead of the installed "
+                   "one (e.g. one written by 'git show REV:medfuse_core/data/dicom.py'), for before/after figures")
     p.add_argument("--child", choices=LIBS, help=argparse.SUPPRESS)
     p.add_argument("--files", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)

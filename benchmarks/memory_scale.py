@@ -199,7 +199,7 @@ def evaluate_version() -> dict:
 def studies_for(n_images: int, seed: int) -> int:
     """How many studies give ``n_images`` frontal (PA/AP) images with this seed (from the corpus plan)."""
     try:
-        from medfuse_core.synth import _plan_corpus  # cheap: plans, renders nothing
+        from medfuse_core.data.synth import _plan_corpus  # cheap: plans, renders nothing
     except ImportError:
         return n_images
 
@@ -216,7 +216,7 @@ def studies_for(n_images: int, seed: int) -> int:
 
 
 def corpus_for(work: Path, n_images: int, seed: int) -> tuple[Path, dict]:
-    from medfuse_core.synth import generate_corpus
+    from medfuse_core.data.synth import generate_corpus
 
     n_studies = studies_for(n_images, seed)
     root = work / f"corpus-{n_studies}-seed{seed}"
@@ -248,7 +248,7 @@ def bundle_for(work: Path, image_size: int) -> Path:
     import torch
 
     from medfuse_core.config import FusionConfig, HeadConfig, ModelConfig, TextConfig, VisionConfig
-    from medfuse_core.labels import CHEXPERT_LABELS
+    from medfuse_core.data.labels import CHEXPERT_LABELS
     from medfuse_core.models import build_model, save_bundle
 
     torch.manual_seed(0)

@@ -68,7 +68,7 @@ def load_split(data: Path, split: str):
     import numpy as np
     import pyarrow.dataset as pads
 
-    from medfuse_core.batching import blobs_to_images, images_to_tensor
+    from medfuse_core.data.batching import blobs_to_images, images_to_tensor
 
     t = pads.dataset(str(data / "shards" / f"split={split}"), format="parquet", partitioning=None).to_table(
         columns=["image", "image_size", "labels", "labelled", "context"])
@@ -83,7 +83,7 @@ def macro_auroc(probs, raw, names: list[str]) -> tuple[float, dict]:
     import numpy as np
     from sklearn.metrics import roc_auc_score
 
-    from medfuse_core.labels import CHEXPERT_LABELS, evaluation_targets
+    from medfuse_core.data.labels import CHEXPERT_LABELS, evaluation_targets
 
     y = evaluation_targets(raw, blank_policy="negative")
     per = {}
@@ -100,7 +100,7 @@ def run_plain(data: Path, epochs: int, threads: int, seed: int) -> dict:
     import torch
     import torchvision
 
-    from medfuse_core.labels import training_targets
+    from medfuse_core.data.labels import training_targets
 
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
@@ -144,7 +144,7 @@ def run_medfuse(data: Path, work: Path, config: Path, overrides: list[str]) -> d
     import mlflow
     import numpy as np
 
-    from medfuse_core.config import load_config
+    from medfuse_core.experiment import load_config
     from pipelines import evaluate, finetune
     from pipelines.runtime import init_ray
 
@@ -165,7 +165,7 @@ def run_medfuse(data: Path, work: Path, config: Path, overrides: list[str]) -> d
                       "val_auroc_image_only_all_labels": v.value} for i, v in enumerate(val_hist)]}
     # score the best model on both splits with the project's own scorer (no MLflow logging)
     scores = evaluate.score_splits(facts["model_dir"], data, blank_policy=cfg.data.blank_policy)
-    from medfuse_core.labels import CHEXPERT_LABELS
+    from medfuse_core.data.labels import CHEXPERT_LABELS
 
     names = list(cfg.data.labels)
     for split in ("validate", "test"):

@@ -5,7 +5,7 @@ One command::
     python benchmarks/trainer.py --out benchmarks/results/trainer.json
 
 It builds (or reuses, under ``--work``) a synthetic corpus
-(``medfuse_core.synth.generate_corpus(dir, n_studies=--studies, seed=0)``) and its shards
+(``medfuse_core.data.synth.generate_corpus(dir, n_studies=--studies, seed=0)``) and its shards
 (``pipelines.ingest.run("mimic-cxr", corpus, data, IngestConfig(image_size=--image-size))``),
 then runs, each in a fresh Python process (its own local Ray cluster where it uses Ray):
 
@@ -85,7 +85,7 @@ def _load_avg() -> list[float]:
 
 def child_prepare(spec: dict) -> dict:
     from medfuse_core.config import IngestConfig
-    from medfuse_core.synth import generate_corpus
+    from medfuse_core.data.synth import generate_corpus
     from pipelines import ingest
     from pipelines.runtime import init_ray
 
@@ -108,10 +108,10 @@ def child_plain(spec: dict) -> dict:
     import numpy as np
     import torch
 
-    from medfuse_core.batching import blobs_to_images, images_to_tensor, label_indices
-    from medfuse_core.config import load_config
-    from medfuse_core.labels import training_targets
-    from medfuse_core.losses import masked_bce_with_logits
+    from medfuse_core.data.batching import blobs_to_images, images_to_tensor, label_indices
+    from medfuse_core.experiment import load_config
+    from medfuse_core.data.labels import training_targets
+    from medfuse_core.objectives.diagnosis import masked_bce_with_logits
     from medfuse_core.models import build_model
     from pipelines.shards import read_split_table
     from pipelines.train_loop import lr_lambda
@@ -200,9 +200,9 @@ def child_micro(spec: dict) -> dict:
                       WORLD_SIZE="1", LOCAL_RANK="0")
     import deepspeed
 
-    from medfuse_core.batching import IMAGE_MEAN, IMAGE_STD, blobs_to_tensor, make_batch
-    from medfuse_core.config import load_config
-    from medfuse_core.losses import masked_bce_with_logits
+    from medfuse_core.data.batching import IMAGE_MEAN, IMAGE_STD, blobs_to_tensor, make_batch
+    from medfuse_core.experiment import load_config
+    from medfuse_core.objectives.diagnosis import masked_bce_with_logits
     from medfuse_core.models import build_model
     from pipelines.shards import read_split_table
     from pipelines.train_loop import conv_weights_channels_last, deepspeed_config
@@ -292,8 +292,8 @@ def child_threads(spec: dict) -> dict:
     """Median seconds of a plain training step with ``torch.set_num_threads(spec['threads'])``."""
     import torch
 
-    from medfuse_core.config import load_config
-    from medfuse_core.losses import masked_bce_with_logits
+    from medfuse_core.experiment import load_config
+    from medfuse_core.objectives.diagnosis import masked_bce_with_logits
     from medfuse_core.models import build_model
 
     torch.set_num_threads(spec["threads"])
@@ -315,7 +315,7 @@ def child_threads(spec: dict) -> dict:
 def child_finetune(spec: dict) -> dict:
     import mlflow
 
-    from medfuse_core.config import load_config
+    from medfuse_core.experiment import load_config
     from pipelines import finetune
     from pipelines.runtime import init_ray
 

@@ -14,7 +14,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from medfuse_core.labels import CHEXPERT_LABELS
+from medfuse_core.data.labels import CHEXPERT_LABELS
 
 
 class ConfigError(ValueError):
@@ -25,27 +25,14 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-def _registered(kind: str, name: str) -> str:
-    """Check a registry name at config time (lazy import: the registries live in models/)."""
-    from medfuse_core import models
-
-    registry = {"vision": models.VISION_ENCODERS, "fusion": models.FUSION_MODULES}[kind]
-    if name not in registry:
-        raise ValueError(f"unknown {kind} {name!r}; choose one of {registry.names()}")
-    return name
-
-
 class VisionConfig(_Section):
     """Vision encoder: a registry name and optional local weights."""
 
     name: str = "resnet18"
     weights_path: Optional[str] = None  # local .pt/.pth/.safetensors state dict
     in_channels: int = Field(1, ge=1, le=3)
-
-    @field_validator("name")
-    @classmethod
-    def _known(cls, name: str) -> str:
-        return _registered("vision", name)
+    # -1: every layer trains; 0: frozen; k: the top k stages (ResNet layer1-4) or blocks (ViT)
+    trainable_layers: int = Field(-1, ge=-1)
 
 
 NO_TEXT = "none"  # model.text.name_or_path for an image-only model: no text encoder, no tokenizer
@@ -58,6 +45,9 @@ class TextConfig(_Section):
     name_or_path: str = "minilm"
     max_tokens: int = Field(32, ge=4, le=512)
     trainable_layers: int = Field(-1, ge=-1)  # -1: all layers train; 0: frozen; k: top k layers
+    # a frozen encoder (trainable_layers: 0) encodes each distinct text once and keeps up to this
+    # many outputs (LRU; 0 = off; not used under ZeRO-3); about max_tokens x hidden x 4 B per row
+    frozen_cache_rows: int = Field(0, ge=0)
 
     @field_validator("name_or_path", mode="before")
     @classmethod
@@ -81,11 +71,6 @@ class FusionConfig(_Section):
     heads: int = Field(4, ge=1)
     layers: int = Field(1, ge=1)
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
-
-    @field_validator("name")
-    @classmethod
-    def _known(cls, name: str) -> str:
-        return _registered("fusion", name)
 
     @model_validator(mode="after")
     def _heads_divide_dim(self) -> "FusionConfig":
@@ -123,6 +108,9 @@ class DataConfig(_Section):
     allow_resize: bool = False
     text_dropout: float = Field(0.3, ge=0.0, le=1.0)  # train-time chance to hide the text
     augment: bool = True
+    # train on a seeded, patient-level share of the labelled training images (label-efficiency
+    # studies); validation and test always use every labelled image
+    label_fraction: float = Field(1.0, gt=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _known_labels(self) -> "DataConfig":
@@ -198,16 +186,80 @@ class IngestConfig(_Section):
         return self
 
 
+class ObjectiveConfig(_Section):
+    """The stage's training objective, a name from ``medfuse_core.objectives.OBJECTIVES``."""
+
+    name: str
+    # contrastive objectives: the starting temperature (None: the objective's default)
+    init_temperature: Optional[float] = Field(None, gt=0.0)
+
+
 class FinetuneConfig(_Section):
     """A stage-2 (diagnosis fine-tuning) experiment."""
 
     name: str = "finetune"
+    # start from a stage-1 model: a pretrain workdir, a bundle folder, an MLflow run id or a
+    # models:/ URI; its vision and text encoder weights replace the fresh ones
+    init_from: Optional[str] = None
+    objective: ObjectiveConfig = ObjectiveConfig(name="bce")
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     scaling: ScalingConfig = ScalingConfig()
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     tracking: TrackingConfig = TrackingConfig()
+
+
+class PretrainDataConfig(_Section):
+    """How shards become image-report pairs (stage 1)."""
+
+    image_size: int = Field(128, ge=16, le=2048)
+    # report sections paired with the image (de-identified text); rows with none are skipped
+    text_sections: list[Literal["findings", "impression"]] = Field(
+        default_factory=lambda: ["findings", "impression"], min_length=1)
+    allow_resize: bool = False
+    augment: bool = True
+    # zero-shot validation and `medfuse evaluate`: the prompt file (None: experiments/prompts/cxr_zero_shot.yaml)
+    prompts: Optional[str] = None
+    labels: list[str] = Field(default_factory=lambda: list(CHEXPERT_LABELS))  # scored zero-shot
+    blank_policy: Literal["negative", "ignore"] = "negative"
+
+    @model_validator(mode="after")
+    def _known_labels(self) -> "PretrainDataConfig":
+        unknown = [name for name in self.labels if name not in CHEXPERT_LABELS]
+        if unknown:
+            raise ValueError(f"unknown label names {unknown}; known: {list(CHEXPERT_LABELS)}")
+        return self
+
+
+class PretrainModelConfig(_Section):
+    """The two encoders and the shared embedding space."""
+
+    vision: VisionConfig = VisionConfig()
+    text: TextConfig = TextConfig(max_tokens=64)
+    embed_dim: int = Field(128, ge=8)
+
+    @model_validator(mode="after")
+    def _needs_text(self) -> "PretrainModelConfig":
+        if not self.text.enabled:
+            raise ValueError("text.name_or_path: image-report pretraining needs a text encoder, not 'none'")
+        return self
+
+
+class PretrainConfig(_Section):
+    """A stage-1 (image-report contrastive pretraining) experiment."""
+
+    name: str = "pretrain"
+    objective: ObjectiveConfig = ObjectiveConfig(name="infonce")
+    data: PretrainDataConfig = PretrainDataConfig()
+    model: PretrainModelConfig = PretrainModelConfig()
+    train: TrainConfig = TrainConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    tracking: TrackingConfig = TrackingConfig(registered_model="medfuse-cxr-pretrain")
+
+
+STAGE_SCHEMAS = {"finetune": FinetuneConfig, "pretrain": PretrainConfig}
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:
@@ -251,8 +303,9 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return out
 
 
-def load_config(path: str | Path | None, overrides: list[str] = (), schema: type[BaseModel] = FinetuneConfig):
-    """Load a YAML experiment file (or defaults when ``path`` is None), apply overrides, validate."""
+def parse_config(path: str | Path | None, overrides: list[str] = (), schema: type[BaseModel] = FinetuneConfig):
+    """Load a YAML experiment file (or defaults when ``path`` is None), apply overrides, validate
+    the schema. Registry names are checked by :func:`medfuse_core.experiment.load_config`."""
     raw: dict = {}
     source = "defaults"
     if path is not None:

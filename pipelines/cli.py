@@ -14,9 +14,11 @@ import os
 import sys
 from pathlib import Path
 
-from medfuse_core.config import ConfigError, FinetuneConfig, IngestConfig, load_config
-from medfuse_core.deid import DeidKeyError
-from medfuse_core.sources import SourceError
+from medfuse_core.config import ConfigError, FinetuneConfig, IngestConfig, PretrainConfig
+from medfuse_core.experiment import load_config
+from medfuse_core.data.deid import DeidKeyError
+from medfuse_core.data.sources import SourceError
+from pipelines.console import print_ingest, print_results, with_progress
 
 log = logging.getLogger("medfuse")
 
@@ -39,7 +41,7 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def cmd_keygen(args) -> int:
-    from medfuse_core.deid import generate_key_file
+    from medfuse_core.data.deid import generate_key_file
 
     path = generate_key_file(args.out)
     print(f"wrote a new de-identification key to {path} (mode 0600). Keep it outside every output "
@@ -48,14 +50,14 @@ def cmd_keygen(args) -> int:
 
 
 def cmd_synth(args) -> int:
-    from medfuse_core.synth import generate_corpus
+    from medfuse_core.data.synth import generate_corpus
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"--out: {out} exists and is not empty")
     if args.studies < 1:
         raise UsageError("--studies: must be at least 1")
-    summary = _with_progress("synth", lambda cb: generate_corpus(out, n_studies=args.studies, seed=args.seed,
+    summary = with_progress("synth", lambda cb: generate_corpus(out, n_studies=args.studies, seed=args.seed,
                                                                  progress=cb, tables=args.tables))
     print(json.dumps(summary, indent=2, default=str))
     return 0
@@ -75,7 +77,7 @@ def cmd_ingest(args) -> int:
 
     cfg = _ingest_config(args)
     summary = ingest.run(args.format, args.root, args.out, cfg)
-    _print_ingest(summary)
+    print_ingest(summary)
     if args.workdir or os.environ.get("MLFLOW_TRACKING_URI"):
         from medfuse_core.config import flatten
         from pipelines import tracking
@@ -84,18 +86,6 @@ def cmd_ingest(args) -> int:
                                          flatten(cfg.model_dump(exclude={"deid"})), args.out)
         print(f"MLflow ingest run: {run_id}")
     return 0
-
-
-def _print_ingest(summary: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="ingest", show_header=False)
-    for key in ("n_records", "n_ok", "n_quarantined", "n_filtered"):
-        table.add_row(key, str(summary[key]))
-    table.add_row("quarantine_by_reason", json.dumps(summary["quarantine_by_reason"]))
-    table.add_row("splits", json.dumps(summary["splits"]))
-    Console().print(table)
 
 
 def cmd_finetune(args) -> int:
@@ -108,42 +98,22 @@ def cmd_finetune(args) -> int:
     return 0
 
 
-def cmd_evaluate(args) -> int:
-    from pipelines import evaluate
+def cmd_pretrain(args) -> int:
+    from pipelines import pretrain
 
-    result = evaluate.run(args.model, args.data, args.out, log_images=args.log_images)
-    _print_results(result)
+    cfg = load_config(args.config, args.overrides, schema=PretrainConfig)
+    facts = pretrain.run(cfg, args.data, args.workdir)
+    print(json.dumps({k: facts[k] for k in ("mlflow_run_id", "best_epoch", "score_key", "best_score", "model_dir",
+                                            "model_uri")}, indent=2))
     return 0
 
 
-def _print_results(result: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
+def cmd_evaluate(args) -> int:
+    from pipelines import evaluate
 
-    table = Table(title=f"test split ({result['n_test']} images)")
-    table.add_column("label")
-    for mode in ("image_only", "image_text"):
-        table.add_column(f"AUROC {mode}", justify="right")
-    for name in result["label_names"]:
-        if name in result["image_text"]["auroc"]:
-            table.add_row(name, *(f"{result[m]['auroc'].get(name, float('nan')):.3f}"
-                                  for m in ("image_only", "image_text")))
-    for key in ("auroc_macro", "auprc_macro", "f1_macro"):
-        table.add_row(f"[bold]{key}", *(f"[bold]{result[m][key]:.3f}" for m in ("image_only", "image_text")))
-    Console().print(table)
-
-
-def _with_progress(title: str, fn):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
-    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), transient=False) as progress:
-        task = progress.add_task(title, total=None)
-
-        def cb(done, total):
-            progress.update(task, completed=done, total=total)
-
-        return fn(cb)
+    result = evaluate.run(args.model, args.data, args.out, log_images=args.log_images, prompts=args.prompts)
+    print_results(result)
+    return 0
 
 
 def cmd_quickstart(args) -> int:
@@ -183,15 +153,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value settings")
     p.set_defaults(fn=cmd_ingest)
 
-    p = sub.add_parser("finetune", help="train the fusion classifier (Ray Train + DeepSpeed)")
+    p = sub.add_parser("pretrain", help="stage 1: align images and reports (contrastive; Ray Train + DeepSpeed)")
     p.add_argument("--config", required=True)
     p.add_argument("--data", required=True)
     p.add_argument("--workdir", required=True)
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=3")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. objective.name=siglip")
+    p.set_defaults(fn=cmd_pretrain)
+
+    p = sub.add_parser("finetune", help="stage 2: train the fusion classifier (Ray Train + DeepSpeed)")
+    p.add_argument("--config", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--workdir", required=True)
+    p.add_argument("overrides", nargs="*",
+                   help="key=value overrides, e.g. train.epochs=3 init_from=PRETRAIN_WORKDIR data.label_fraction=0.1")
     p.set_defaults(fn=cmd_finetune)
 
-    p = sub.add_parser("evaluate", help="score the test split (image-only and image+text)")
-    p.add_argument("--model", required=True, help="finetune workdir, bundle folder, MLflow run id or model URI")
+    p = sub.add_parser("evaluate", help="score the test split: diagnosis (image-only and image+text), or "
+                                        "zero-shot and retrieval for a pretrained model")
+    p.add_argument("--model", required=True,
+                   help="pretrain/finetune workdir, bundle folder, MLflow run id or model URI")
+    p.add_argument("--prompts", default=None,
+                   help="zero-shot prompt file for a pretrained model (default: experiments/prompts/cxr_zero_shot.yaml)")
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--log-images", action="store_true",

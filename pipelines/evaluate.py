@@ -21,9 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-from medfuse_core.metrics import choose_thresholds, multilabel_metrics
-from medfuse_core.sources import SourceError
+from medfuse_core.evaluation.metrics import choose_thresholds, multilabel_metrics
+from medfuse_core.data.sources import SourceError
 from pipelines import tracking
+from pipelines.model_refs import resolve_model  # noqa: F401  (re-exported for callers)
+from pipelines.runtime import scorer_resources
 from pipelines.ingest import load_summary
 from pipelines.shards import DIAGNOSIS_COLUMNS, has_split, read_split, read_split_table
 
@@ -32,26 +34,6 @@ log = logging.getLogger("medfuse")
 MODES = ("image_only", "image_text")
 EVAL_SPLITS = ("validate", "test")
 BATCH_SIZE = 64
-CPUS_PER_SCORER = 4  # torch intra-op threads per CPU scoring actor (fewer on a small cluster)
-
-
-def scorer_resources(cluster: dict) -> dict:
-    """Actor-pool size and per-actor resources for scoring, from ``ray.cluster_resources()``.
-
-    With GPUs: one actor per GPU (``num_gpus=1``) and a few CPUs each for decoding and
-    tokenising. CPU only: actors of up to :data:`CPUS_PER_SCORER` CPUs, as many as fit. Either
-    way some CPUs stay free for the Parquet read tasks (actors holding every CPU starve the
-    reads and the pipeline hangs). ``threads`` is the torch thread count matching an actor's CPUs.
-    """
-    cpus = int(cluster.get("CPU", 0))
-    gpus = int(cluster.get("GPU", 0))
-    spare = max(1, cpus // 8)
-    budget = max(1, cpus - spare)
-    if gpus >= 1:
-        per = max(1, min(CPUS_PER_SCORER, budget // gpus))
-        return {"min_size": 1, "max_size": gpus, "num_cpus": per, "num_gpus": 1, "threads": per}
-    per = max(1, min(CPUS_PER_SCORER, budget))
-    return {"min_size": 1, "max_size": max(1, budget // per), "num_cpus": per, "num_gpus": 0, "threads": per}
 
 
 class _OnDevice:
@@ -86,7 +68,7 @@ class _Scorer:
 
         import torch
 
-        from medfuse_core.batching import label_indices
+        from medfuse_core.data.batching import label_indices
         from medfuse_core.models.bundle import load_bundle
 
         torch.set_num_threads(max(1, int(threads)))
@@ -100,8 +82,8 @@ class _Scorer:
         self.blank_policy = blank_policy
 
     def __call__(self, rows: dict) -> dict:
-        from medfuse_core.inference import score_rows
-        from medfuse_core.labels import evaluation_targets
+        from medfuse_core.evaluation.inference import score_rows
+        from medfuse_core.data.labels import evaluation_targets
 
         scores = score_rows(self.bundle, rows)
         raw = np.stack([np.asarray(v, dtype=np.float32) for v in rows["labels"]])[:, self.idx]
@@ -157,25 +139,6 @@ def score_splits(bundle_dir: str | Path, data_dir: str | Path, blank_policy: str
             for s, d in parts.items()}
 
 
-def resolve_model(ref: str, tmp: Path) -> tuple[Path, dict]:
-    """Find the bundle folder for ``ref``; also return tracking facts (run id, store) when known."""
-    path = Path(ref)
-    if path.is_dir():
-        if (path / "finetune.json").is_file():
-            facts = json.loads((path / "finetune.json").read_text())
-            return path / "model", facts
-        if (path / "medfuse_model.json").is_file():
-            return path, {}
-        raise FileNotFoundError(f"--model: {ref} is neither a finetune workdir nor a model bundle")
-    uri = ref if re.match(r"^[a-z]+:/", ref) else f"runs:/{ref}/model"
-    bundle = tracking.bundle_dir_from_model_uri(uri, tmp)
-    facts = {}
-    m = re.match(r"^runs:/([0-9a-f]+)/", uri)
-    if m:
-        facts["mlflow_run_id"] = m.group(1)
-    return bundle, facts
-
-
 ATTENTION_COLUMNS = ["image", "image_size", "context"]
 
 
@@ -196,7 +159,7 @@ def attention_figure(bundle_dir: Path, data_dir: Path, scored_labels=None, n: in
     the top predictions among ``scored_labels`` (labels without training signal are left out)."""
     import torch
 
-    from medfuse_core.batching import blobs_to_images, images_to_tensor, tokenize
+    from medfuse_core.data.batching import blobs_to_images, images_to_tensor, tokenize
     from medfuse_core.models.bundle import load_bundle
     from pipelines import plots
 
@@ -257,7 +220,8 @@ def metrics_from_scores(parts: dict, names: list[str]) -> dict:
     return result
 
 
-def run(model_ref: str, data_dir: str | Path, out: str | Path, log_images: bool = False) -> dict:
+def run(model_ref: str, data_dir: str | Path, out: str | Path, log_images: bool = False,
+        prompts: str | None = None) -> dict:
     """Evaluate and write the metrics JSON; returns it.
 
     ``log_images`` (off by default) also logs patient images (attention maps over a few test
@@ -276,6 +240,11 @@ def run(model_ref: str, data_dir: str | Path, out: str | Path, log_images: bool 
     with tempfile.TemporaryDirectory() as tmp:
         bundle_dir, facts = resolve_model(model_ref, Path(tmp))
         meta = read_bundle_meta(bundle_dir)
+        if meta.get("kind") == "contrastive":  # a stage-1 model: zero-shot and retrieval
+            from pipelines import evaluate_pretrained
+
+            init_ray()
+            return evaluate_pretrained.run(bundle_dir, facts, model_ref, data_dir, summary, Path(out), prompts)
         names = meta["label_names"]
         blank_policy = (meta.get("extra") or {}).get("blank_policy", "negative")
         init_ray()

@@ -22,11 +22,11 @@ from collections import Counter
 from pathlib import Path
 
 from medfuse_core.config import IngestConfig
-from medfuse_core.deid import DEID_METHOD, Pseudonymizer, load_key
-from medfuse_core.labels import CHEXPERT_LABELS
-from medfuse_core.records import process_record
-from medfuse_core.sources import FORMATS, SourceError, patients_in_several_splits
-from medfuse_core.synth import SYNTHETIC_MARKER
+from medfuse_core.data.deid import DEID_METHOD, Pseudonymizer, load_key
+from medfuse_core.data.labels import CHEXPERT_LABELS
+from medfuse_core.data.records import process_record
+from medfuse_core.data.sources import FORMATS, SourceError, patients_in_several_splits
+from medfuse_core.data.synth import SYNTHETIC_MARKER
 from pipelines.shards import OUTCOMES_DIR, SHARDS_DIR
 
 log = logging.getLogger("medfuse")

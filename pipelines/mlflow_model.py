@@ -2,7 +2,8 @@
 
 ``predict`` takes a DataFrame with ``image`` (a size x size grid of [0,1] floats, nested
 lists or a flat list) and optional ``context`` (clinical-context text; empty or missing means
-image-only) and returns one probability column per finding label.
+image-only) and returns one probability column per finding label; a stage-1 (contrastive)
+bundle returns each image's embedding in an ``embedding`` column.
 """
 
 from __future__ import annotations
@@ -21,10 +22,14 @@ class MedfusePyfunc(mlflow.pyfunc.PythonModel):
         self.bundle = load_bundle(context.artifacts["bundle"])
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        from medfuse_core.inference import predict_probabilities
+        from medfuse_core.evaluation.inference import predict_probabilities
 
         size = self.bundle.image_size
         images = np.stack([np.asarray(img, dtype=np.float32).reshape(size, size) for img in model_input["image"]])
+        if self.bundle.kind == "contrastive":  # a stage-1 model: image embeddings
+            from medfuse_core.evaluation.embeddings import embed_images
+
+            return pd.DataFrame({"embedding": list(embed_images(self.bundle, images))})
         texts = list(model_input["context"]) if "context" in model_input else [""] * len(images)
         probs = predict_probabilities(self.bundle, images, texts)
         return pd.DataFrame(probs, columns=self.bundle.label_names)

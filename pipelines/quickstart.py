@@ -6,7 +6,8 @@ import json
 import time
 from pathlib import Path
 
-from medfuse_core.config import FinetuneConfig, IngestConfig, flatten, load_config
+from medfuse_core.config import FinetuneConfig, IngestConfig, flatten
+from medfuse_core.experiment import load_config
 
 DEFAULT_STUDIES = 1000
 
@@ -15,9 +16,9 @@ def run(workdir: str | Path, studies: int | None = None, seed: int = 0, override
     """Run the whole chain under ``workdir``; prints a results table and where to look in MLflow."""
     from rich.console import Console
 
-    from medfuse_core.synth import SYNTHETIC_MARKER, generate_corpus
+    from medfuse_core.data.synth import SYNTHETIC_MARKER, generate_corpus
     from pipelines import evaluate, finetune, ingest, tracking
-    from pipelines.cli import _print_ingest, _print_results, _with_progress
+    from pipelines.console import print_ingest, print_results, with_progress
 
     console = Console()
     cfg = load_config(config, list(overrides), schema=FinetuneConfig)  # validate before any work
@@ -32,7 +33,7 @@ def run(workdir: str | Path, studies: int | None = None, seed: int = 0, override
 
     t = stage(1, "synthesise a chest X-ray corpus (MIMIC-CXR layout)")
     if not (corpus / SYNTHETIC_MARKER).exists():
-        _with_progress("synth", lambda cb: generate_corpus(corpus, n_studies=studies or DEFAULT_STUDIES,
+        with_progress("synth", lambda cb: generate_corpus(corpus, n_studies=studies or DEFAULT_STUDIES,
                                                            seed=seed, progress=cb))
     else:
         console.print(f"corpus exists at {corpus}; reusing it")
@@ -46,7 +47,7 @@ def run(workdir: str | Path, studies: int | None = None, seed: int = 0, override
     else:
         summary = ingest.load_summary(data)
         console.print(f"shards exist at {data}; reusing them")
-    _print_ingest(summary)
+    print_ingest(summary)
     timings["ingest"] = time.time() - t
 
     t = stage(3, f"fine-tune {cfg.model.fusion.name} fusion (Ray Train x{cfg.scaling.num_workers}, "
@@ -59,7 +60,7 @@ def run(workdir: str | Path, studies: int | None = None, seed: int = 0, override
     timings["evaluate"] = time.time() - t
     timings["total"] = time.time() - t_all
 
-    _print_results(result)
+    print_results(result)
     console.print("timings (s): " + json.dumps({k: round(v, 1) for k, v in timings.items()}))
     console.print(f"metrics: {workdir / 'metrics.json'}")
     console.print(f"MLflow: mlflow ui --backend-store-uri {facts['tracking_uri']}  "

@@ -75,3 +75,25 @@ def quiet_data_progress() -> None:
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+CPUS_PER_SCORER = 4  # torch intra-op threads per CPU scoring actor (fewer on a small cluster)
+
+
+def scorer_resources(cluster: dict) -> dict:
+    """Actor-pool size and per-actor resources for scoring, from ``ray.cluster_resources()``.
+
+    With GPUs: one actor per GPU (``num_gpus=1``) and a few CPUs each for decoding and
+    tokenising. CPU only: actors of up to :data:`CPUS_PER_SCORER` CPUs, as many as fit. Either
+    way some CPUs stay free for the Parquet read tasks (actors holding every CPU starve the
+    reads and the pipeline hangs). ``threads`` is the torch thread count matching an actor's CPUs.
+    """
+    cpus = int(cluster.get("CPU", 0))
+    gpus = int(cluster.get("GPU", 0))
+    spare = max(1, cpus // 8)
+    budget = max(1, cpus - spare)
+    if gpus >= 1:
+        per = max(1, min(CPUS_PER_SCORER, budget // gpus))
+        return {"min_size": 1, "max_size": gpus, "num_cpus": per, "num_gpus": 1, "threads": per}
+    per = max(1, min(CPUS_PER_SCORER, budget))
+    return {"min_size": 1, "max_size": max(1, budget // per), "num_cpus": per, "num_gpus": 0, "threads": per}

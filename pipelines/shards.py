@@ -81,3 +81,50 @@ def read_split_table(data_dir: str | Path, split: str, columns: list[str], limit
         return pa.Table.from_batches([], schema=dataset.schema.empty_table().select(columns).schema)
     table = pa.Table.from_batches(batches)
     return table.slice(0, limit) if limit is not None else table
+
+
+def patient_share(patient_ids, seed: int):
+    """Each (pseudonymous) patient's fixed position in [0, 1) for ``seed``: a study is in a
+    label fraction F when its patient's share is below F, so every fraction is patient-level
+    and the 10% set lies inside the 50% set of the same seed."""
+    import hashlib
+
+    import numpy as np
+
+    return np.array([int.from_bytes(hashlib.sha256(f"{seed}:{p}".encode()).digest()[:8], "big") / 2.0**64
+                     for p in patient_ids], dtype=np.float64)
+
+
+def _keep_fraction(batch, fraction: float, seed: int):
+    import pyarrow.compute as pc  # noqa: F401  (pyarrow batches in, filtered batches out)
+
+    share = patient_share(batch.column("patient_id").to_pylist(), seed)
+    return batch.filter(share < fraction)
+
+
+def read_fraction(data_dir: str | Path, split: str, columns: list[str], fraction: float, seed: int, **kwargs):
+    """``read_split`` restricted to the patients inside a seeded ``fraction`` (1.0: everything)."""
+    if fraction >= 1.0:
+        return read_split(data_dir, split, columns, **kwargs)
+    ds = read_split(data_dir, split, list(dict.fromkeys(list(columns) + ["patient_id"])), **kwargs)
+    ds = ds.map_batches(_keep_fraction, batch_format="pyarrow", fn_kwargs={"fraction": fraction, "seed": seed})
+    return ds.select_columns(list(columns))
+
+
+def count_fraction(data_dir: str | Path, split: str, fraction: float, seed: int, labelled_only: bool = True) -> dict:
+    """Images and patients of ``split`` inside the fraction, streamed over the two id columns."""
+    import pyarrow.dataset as pads
+
+    n_images, patients = 0, set()
+    if not has_split(data_dir, split):
+        return {"images": 0, "patients": 0}
+    dataset = pads.dataset(str(split_dir(data_dir, split)), format="parquet", partitioning=None)
+    for batch in dataset.to_batches(columns=["patient_id", "labelled"], batch_size=65536):
+        ids = batch.column("patient_id").to_pylist()
+        labelled = batch.column("labelled").to_pylist()
+        share = patient_share(ids, seed)
+        for pid, lab, s in zip(ids, labelled, share):
+            if s < fraction and (lab or not labelled_only):
+                n_images += 1
+                patients.add(pid)
+    return {"images": n_images, "patients": len(patients)}

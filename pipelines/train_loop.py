@@ -345,8 +345,9 @@ def _report_memory(memory: dict, zero_stage: int, rank: int, world: int, sink, s
     return {"zero_stage": zero_stage, "ranks": ranks}
 
 
-def _validate(engine, loader_fn, world: int, rank: int, make) -> tuple[np.ndarray, ...]:
-    """Strided validation over the full split (every rank reads all of it, scores its share).
+def _validate(engine, loader_fn, world: int, rank: int, make, objective) -> dict[str, np.ndarray]:
+    """Strided validation over the full split (every rank reads all of it, scores its share),
+    the objective's per-sample outputs gathered on every rank.
 
     Every rank runs the same number of forwards, counted from the data every rank sees, and
     pads with a repeat of the first batch, so ZeRO-3 parameter gathers stay in step even when
@@ -354,9 +355,11 @@ def _validate(engine, loader_fn, world: int, rank: int, make) -> tuple[np.ndarra
     """
     import torch.distributed as dist
 
-    probs_txt, probs_img, labels = [], [], []
+    from medfuse_core.objectives import to_device
+
+    parts: list[dict] = []
     done, n_batches, first = 0, 0, None
-    uses_text = getattr(engine.module, "uses_text", True)  # an image-only model scores once for both
+    device, bf16 = engine.device, engine.bfloat16_enabled()
     engine.eval()
     with torch.no_grad():
         for i, rows in enumerate(loader_fn()):
@@ -365,47 +368,50 @@ def _validate(engine, loader_fn, world: int, rank: int, make) -> tuple[np.ndarra
                 first = rows
             if i % world != rank:
                 continue
-            batch = make(rows)
-            p_txt = torch.sigmoid(_forward(engine, batch, text=True)).float().cpu().numpy()
-            probs_txt.append(p_txt)
-            probs_img.append(torch.sigmoid(_forward(engine, batch, text=False)).float().cpu().numpy()
-                             if uses_text else p_txt)
-            labels.append(batch["eval_labels"].numpy())
+            parts.append(objective.eval_outputs(engine, to_device(make(rows), device, bf16)))
             done += 1
         n_rounds = math.ceil(n_batches / world)
-        pad = make(first) if first is not None and done < n_rounds else None
+        pad = to_device(make(first), device, bf16) if first is not None and done < n_rounds else None
         while done < n_rounds:
-            _forward(engine, pad, text=True)
-            if uses_text:
-                _forward(engine, pad, text=False)
+            objective.eval_outputs(engine, pad)
             done += 1
     engine.train()
-    local = (np.concatenate(probs_txt) if probs_txt else None, np.concatenate(probs_img) if probs_img else None,
-             np.concatenate(labels) if labels else None)
+    local = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else None
     gathered = [None] * world
     dist.all_gather_object(gathered, local)
-    parts = [g for g in gathered if g[0] is not None]
-    return tuple(np.concatenate([p[k] for p in parts]) for k in range(3))
+    shares = [g for g in gathered if g is not None]
+    return {k: np.concatenate([g[k] for g in shares]) for k in shares[0]} if shares else {}
 
 
-def _forward(engine, batch: dict, text: bool) -> torch.Tensor:
-    device = engine.device
-    kwargs = {}
-    if text:  # an image-only model's batches carry no text keys
-        kwargs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "text_present") if k in batch}
-    images = batch["images"].to(device)
-    if engine.bfloat16_enabled():
-        images = images.bfloat16()
-    elif engine.fp16_enabled():
-        images = images.half()
-    return engine(images, **kwargs)["logits"]
+def load_encoder_weights(model: torch.nn.Module, bundle_dir: str) -> int:
+    """Copy the vision and text encoder weights of a (stage-1) bundle into ``model`` by name;
+    returns how many tensors were copied. Every encoder tensor of the bundle must match."""
+    from safetensors.torch import load_file
+
+    from medfuse_core.models.bundle import WEIGHTS_FILE
+    from medfuse_core.models.contrastive import encoder_state
+
+    source = encoder_state(load_file(os.path.join(bundle_dir, WEIGHTS_FILE)))
+    own = model.state_dict()
+    bad = [k for k, v in source.items() if k not in own or own[k].shape != v.shape]
+    if bad or not source:
+        raise RuntimeError(f"init_from: {len(bad)} of {len(source)} encoder tensors do not fit this model "
+                           "(another vision encoder or text encoder); pretrain with the same model.vision "
+                           "and model.text settings")
+    missing = [k for k in own if k.startswith(("vision_encoder.", "text_encoder.")) and k not in source]
+    if missing:
+        raise RuntimeError(f"init_from: the pretrained model lacks {len(missing)} encoder tensors this model has")
+    model.load_state_dict(source, strict=False)
+    return len(source)
 
 
 def train_loop_per_worker(loop_cfg: dict) -> None:
-    """Ray Train entry point; ``loop_cfg`` holds the resolved config as JSON and run facts."""
-    from medfuse_core.config import FinetuneConfig
+    """Ray Train entry point for every stage; ``loop_cfg`` holds the stage, the resolved config as
+    JSON and run facts. The stage's objective (``cfg.objective.name``) supplies the model, the
+    batches, the loss and the validation metrics; everything else is shared."""
+    from medfuse_core.config import STAGE_SCHEMAS
 
-    cfg = FinetuneConfig.model_validate_json(loop_cfg["config_json"])
+    cfg = STAGE_SCHEMAS[loop_cfg.get("stage", "finetune")].model_validate_json(loop_cfg["config_json"])
     if not cfg.scaling.use_gpu:
         os.environ["DS_ACCELERATOR"] = "cpu"  # before DeepSpeed picks its accelerator
     import ray.train
@@ -444,11 +450,10 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
 
     import deepspeed
 
-    from medfuse_core.batching import make_batch
-    from medfuse_core.losses import masked_bce_with_logits
-    from medfuse_core.metrics import multilabel_metrics
-    from medfuse_core.models import build_model, load_tokenizer
     from medfuse_core.models.bundle import save_bundle
+    from medfuse_core.objectives import build_objective, to_device
+
+    objective = build_objective(cfg)
 
     # a resumed run keeps the stage its checkpoints were written with (older ones: the configured)
     zero_stage = (int(state.get("zero_stage_run", cfg.deepspeed.zero_stage)) if checkpoint
@@ -458,9 +463,16 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         print(f"[medfuse] {world} worker: ZeRO-{cfg.deepspeed.zero_stage} would partition nothing; "
               f"DeepSpeed runs stage {zero_stage} (the same optimisation, fewer copies)", flush=True)
 
-    labels = cfg.data.labels
-    model = build_model(cfg.model, num_labels=len(labels), image_size=cfg.data.image_size)
-    tokenizer = load_tokenizer(cfg.model.text.name_or_path)
+    labels = list(cfg.data.labels) if objective.stage == "finetune" else []
+    model = objective.build_model()
+    if loop_cfg.get("init_from_bundle") and not checkpoint:  # a resumed run has its own weights
+        n = load_encoder_weights(model, loop_cfg["init_from_bundle"])
+        if rank == 0:
+            print(f"[medfuse] init_from: {n} encoder tensors from the pretrained model", flush=True)
+    tokenizer = objective.tokenizer()
+    text_encoder = getattr(model, "text_encoder", None)
+    if zero_stage == 3 and getattr(text_encoder, "cache_rows", 0):
+        text_encoder.cache_rows = 0  # partitioned parameters: every rank must run every forward
     total_steps = steps_per_epoch * cfg.train.epochs
     groups = model.param_groups(cfg.train.lr, cfg.train.text_lr, cfg.train.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr)
@@ -492,10 +504,9 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     generator = torch.Generator()
 
     def make(rows, train=False):
-        return make_batch(rows, tokenizer, labels=labels, image_size=cfg.data.image_size,
-                          max_tokens=cfg.model.text.max_tokens, uncertain_policy=cfg.data.uncertain_policy,
-                          blank_policy=cfg.data.blank_policy, train=train, text_dropout=cfg.data.text_dropout, augment_images=cfg.data.augment,
-                          generator=generator)
+        return objective.make_batch(rows, tokenizer, train=train, generator=generator)
+
+    bf16 = engine.bfloat16_enabled()
 
     global_bs = cfg.train.batch_size * world
 
@@ -519,11 +530,9 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
                     first_wait = t1 - t0
                 if rows is None:
                     break
-                batch = make(rows, train=True)
+                batch = to_device(make(rows, train=True), engine.device, bf16)
                 data_wait, prep = data_wait + (t1 - t0), prep + (time.perf_counter() - t1)
-                logits = _forward(engine, batch, text=True)
-                loss = masked_bce_with_logits(logits.float(), batch["targets"].to(engine.device, non_blocking=True),
-                                              batch["weights"].to(engine.device, non_blocking=True))
+                loss = objective.loss(engine, batch)
                 engine.backward(loss)
                 if memory is None:  # once per process: what ZeRO leaves on this rank (grads peak before the step)
                     memory = gradient_bytes(engine)
@@ -551,30 +560,34 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         stream = open_epoch(epoch + 1) if epoch + 1 < cfg.train.epochs else None
 
         val_loader = lambda: val_shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy")
-        p_txt, p_img, y = _validate(engine, val_loader, world, rank, make)
-        m_txt = multilabel_metrics(p_txt, y, labels)
-        m_img = multilabel_metrics(p_img, y, labels)
-        score = m_txt["auroc_macro"] if m_txt["auroc_macro"] == m_txt["auroc_macro"] else 0.0
+        objective.eval_begin(engine, tokenizer, engine.device)
+        val = objective.val_metrics(_validate(engine, val_loader, world, rank, make, objective))
+        score = val.get(objective.score_key, float("nan"))
+        score = score if score == score else 0.0
         metrics = {
             "epoch": epoch,
             "global_step": state["global_step"],
             "train/loss_epoch": torch.stack(losses).mean().item() if losses else float("nan"),
-            "val/auroc_macro": score,
-            "val/auroc_macro_image_only": m_img["auroc_macro"],
-            "val/auprc_macro": m_txt["auprc_macro"],
+            **val,
+            objective.score_key: score,
             "perf/epoch_train_seconds": train_seconds,
             "perf/epoch_samples_per_sec": steps_per_epoch * global_bs / max(train_seconds, 1e-9),
             "perf/data_wait_fraction": data_wait / max(train_seconds, 1e-9),  # waiting on Ray Data
             "perf/batch_prep_fraction": prep / max(train_seconds, 1e-9),  # decode blobs, tokenise, augment
             "perf/first_batch_wait_seconds": first_wait,  # the epoch's first batch (stream start-up, buffer fill)
         }
-        for name, value in m_txt["auroc"].items():
-            metrics[f"val/auroc/{name.replace(' ', '_')}"] = value
+        if getattr(text_encoder, "cache_rows", 0):  # frozen text encoder: rows served from its output cache
+            seen = text_encoder.cache_hits + text_encoder.cache_misses
+            metrics["perf/text_cache_hit_fraction"] = text_encoder.cache_hits / max(1, seen)
         sink.log({k: v for k, v in metrics.items() if k not in ("epoch", "global_step")}, state["global_step"])
         if rank == 0:
             print(f"[medfuse] epoch {epoch + 1}/{cfg.train.epochs}  step {state['global_step']}  "
-                  f"loss {metrics['train/loss_epoch']:.4f}  val AUROC {score:.3f} "
-                  f"(image-only {m_img['auroc_macro']:.3f})  {metrics['perf/epoch_samples_per_sec']:.1f} samples/s",
+                  f"loss {metrics['train/loss_epoch']:.4f}  {objective.score_key} {score:.3f}"
+                  + (f" (image-only {val['val/auroc_macro_image_only']:.3f})" if "val/auroc_macro_image_only" in val
+                     else "")
+                  + (f" (zero-shot AUROC {val['val/zero_shot_auroc_macro']:.3f})" if "val/zero_shot_auroc_macro" in val
+                     else "")
+                  + f"  {metrics['perf/epoch_samples_per_sec']:.1f} samples/s",
                   flush=True)
         state["epoch"] = epoch
         state["score"] = score
@@ -587,9 +600,9 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
             if rank == 0:
                 save_bundle(engine.module, cfg.model, labels, cfg.data.image_size, os.path.join(tmp, BUNDLE_DIR),
                             state_dict=weights, tokenizer=tokenizer,
-                            extra={"val_auroc_macro": score, "epoch": epoch, "experiment": cfg.name,
-                                   "blank_policy": cfg.data.blank_policy,
-                                   "uncertain_policy": cfg.data.uncertain_policy})
+                            extra={**objective.bundle_extra(), "score_key": objective.score_key, "score": score,
+                                   "epoch": epoch, "experiment": cfg.name, "stage": objective.stage,
+                                   **({"val_auroc_macro": score} if objective.stage == "finetune" else {})})
                 with open(os.path.join(tmp, TRAIN_STATE), "w") as fh:
                     json.dump(state, fh)
             write_rank_manifest(tmp, rank)

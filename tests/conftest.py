@@ -44,7 +44,7 @@ def ray_local():
 
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory) -> Path:
-    from medfuse_core.synth import generate_corpus
+    from medfuse_core.data.synth import generate_corpus
 
     root = tmp_path_factory.mktemp("corpus")
     generate_corpus(root, n_studies=90, seed=7)

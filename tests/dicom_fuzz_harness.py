@@ -1,4 +1,4 @@
-"""Seeded DICOM mutation fuzzing for :mod:`medfuse_core.dicom`.
+"""Seeded DICOM mutation fuzzing for :mod:`medfuse_core.data.dicom`.
 
 * :func:`bundled_files` lists pydicom's bundled test data straight from disk (never the
   download path of ``pydicom.data.get_testdata_files``, which fetches pydicom-data online).
@@ -132,7 +132,7 @@ def seed_files(include_synth: bool = True) -> tuple[list[tuple[str, bytes]], str
     note = "synth: off"
     if include_synth:
         try:
-            from medfuse_core.synth import generate_corpus
+            from medfuse_core.data.synth import generate_corpus
 
             with tempfile.TemporaryDirectory() as tmp:
                 generate_corpus(Path(tmp), n_studies=2, seed=5)
@@ -418,7 +418,7 @@ def _worker_main(conn, workdir: str, headroom_bytes: int, max_decoded_bytes: int
     import torch
 
     torch.set_num_threads(1)
-    from medfuse_core.dicom import DicomDecodeError, decode_dicom, frame_indices, read_dataset
+    from medfuse_core.data.dicom import DicomDecodeError, decode_dicom, frame_indices, read_dataset
 
     records: list[str] = []
 

@@ -115,7 +115,7 @@ def test_load_rejects_non_bundle(tmp_path):
 
 def test_image_only_bundle_round_trip(tmp_path):
     """No text encoder: no text_encoder/ folder, tokenizer None, identical logits, image-only scoring."""
-    from medfuse_core.inference import predict_probabilities, score_rows
+    from medfuse_core.evaluation.inference import predict_probabilities, score_rows
 
     cfg = ModelConfig(vision=VisionConfig(name="resnet18", in_channels=1), text=TextConfig(name_or_path="none"),
                       fusion=FusionConfig(name="image_only", dim=32, heads=2), head=HeadConfig(hidden=0))

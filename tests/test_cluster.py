@@ -8,7 +8,7 @@ from pathlib import Path
 import ray
 import yaml
 
-from medfuse_core.config import load_config
+from medfuse_core.experiment import load_config
 from pipelines.cli import build_parser
 
 CLUSTER = Path(__file__).resolve().parents[1] / "cluster"

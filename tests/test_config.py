@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from medfuse_core.config import ConfigError, FinetuneConfig, flatten, load_config
+from medfuse_core.config import ConfigError, FinetuneConfig, flatten
+from medfuse_core.experiment import load_config
 from pipelines.cli import main
 
 REPO = Path(__file__).resolve().parents[1]

@@ -16,8 +16,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.tag import BaseTag
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
-from medfuse_core import deid
-from medfuse_core.deid import (
+from medfuse_core.data import deid
+from medfuse_core.data.deid import (
     ANNEX_E_ATTRIBUTES,
     HEADER_ALLOW_LIST,
     HEADER_FIELDS,
@@ -544,9 +544,9 @@ def test_deidentify_one_study(ps):
 
 def test_synthetic_reports_are_unchanged(tmp_path):
     """The synthetic corpus has no PHI in its reports: scrubbing must not touch them."""
-    from pydicom import dcmread  # (medfuse_core.dicom would pull in torch: slow to import)
+    from pydicom import dcmread  # (medfuse_core.data.dicom would pull in torch: slow to import)
 
-    from medfuse_core.synth import generate_corpus
+    from medfuse_core.data.synth import generate_corpus
 
     generate_corpus(tmp_path, n_studies=4, seed=5)
     ps = Pseudonymizer.for_synthetic_data()

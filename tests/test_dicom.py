@@ -12,7 +12,7 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 
-from medfuse_core.dicom import (
+from medfuse_core.data.dicom import (
     REASON_CODES,
     DecodedImage,
     DicomDecodeError,
@@ -288,7 +288,7 @@ def test_error_pickles():
 from pydicom.pixels import get_decoder  # noqa: E402
 from pydicom.uid import DeflatedExplicitVRLittleEndian  # noqa: E402
 
-from medfuse_core import dicom as dicom_mod  # noqa: E402
+from medfuse_core.data import dicom as dicom_mod  # noqa: E402
 
 
 def radiograph(rows: int, cols: int, seed: int = 1) -> np.ndarray:

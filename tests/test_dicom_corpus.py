@@ -29,7 +29,7 @@ from pydicom.uid import (
 )
 
 from tests import dicom_fuzz_harness as harness
-from medfuse_core.dicom import (
+from medfuse_core.data.dicom import (
     FRAME_POLICIES,
     MAX_FRAMES,
     REASON_CODES,

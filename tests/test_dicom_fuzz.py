@@ -10,7 +10,7 @@ import warnings
 import pytest
 
 from tests import dicom_fuzz_harness as harness
-from medfuse_core.dicom import REASON_CODES, DicomDecodeError, decode_dicom, read_dataset
+from medfuse_core.data.dicom import REASON_CODES, DicomDecodeError, decode_dicom, read_dataset
 
 MIN_VARIANTS = 2000
 TIMEOUT_S = 20.0  # per file; far above the observed maximum (well under a second)

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from medfuse_core.labels import CHEXPERT_LABELS
+from medfuse_core.data.labels import CHEXPERT_LABELS
 from tests.conftest import CPU_EXPERIMENT, TINY_OVERRIDES
 
 SIZE = 48
@@ -59,7 +59,7 @@ def bundle_dir(tmp_path_factory) -> Path:
     """A real bundle from the tiny CPU config; trained with blank labels ignored."""
     import torch
 
-    from medfuse_core.config import load_config
+    from medfuse_core.experiment import load_config
     from medfuse_core.models import build_model, save_bundle
 
     cfg = load_config(CPU_EXPERIMENT, TINY_OVERRIDES)
@@ -80,9 +80,9 @@ def data_dir(tmp_path_factory) -> Path:
 
 def _direct(bundle_dir: Path, data_dir: Path, split: str) -> dict:
     """Score a split's labelled rows in-process with score_rows, no Ray."""
-    from medfuse_core.batching import label_indices
-    from medfuse_core.inference import score_rows
-    from medfuse_core.labels import evaluation_targets
+    from medfuse_core.data.batching import label_indices
+    from medfuse_core.evaluation.inference import score_rows
+    from medfuse_core.data.labels import evaluation_targets
     from medfuse_core.models.bundle import load_bundle
 
     bundle = load_bundle(bundle_dir)
@@ -105,7 +105,7 @@ def test_scorer_resources_fill_the_cluster_but_leave_cpus_to_read():
 
 
 def test_evaluate_reads_validate_and_test_only_and_matches_score_rows(ray_local, bundle_dir, data_dir, tmp_path):
-    from medfuse_core.metrics import choose_thresholds, multilabel_metrics
+    from medfuse_core.evaluation.metrics import choose_thresholds, multilabel_metrics
     from pipelines import evaluate
 
     out = tmp_path / "metrics.json"
@@ -188,7 +188,7 @@ def test_device_wrapper_scores_like_the_bare_model(bundle_dir, data_dir):
     (run here on the CPU; on a GPU actor the device is "cuda")."""
     import dataclasses
 
-    from medfuse_core.inference import score_rows
+    from medfuse_core.evaluation.inference import score_rows
     from medfuse_core.models.bundle import load_bundle
     from pipelines.evaluate import _OnDevice
 

@@ -7,7 +7,7 @@ import json
 import mlflow
 import pytest
 
-from medfuse_core.config import load_config
+from medfuse_core.experiment import load_config
 from pipelines import finetune
 from tests.conftest import CPU_EXPERIMENT, TINY_OVERRIDES
 
@@ -90,7 +90,7 @@ def _summary(**over):
 
 def test_check_data_refuses_data_that_cannot_train():
     from medfuse_core.config import ConfigError
-    from medfuse_core.sources import SourceError
+    from medfuse_core.data.sources import SourceError
 
     cfg = load_config(CPU_EXPERIMENT, TINY_OVERRIDES)
     assert finetune.check_data(cfg, _summary()) == (64, 8)
@@ -121,7 +121,7 @@ def test_cli_refuses_a_label_table_without_positives(tiny_data, tmp_path, capsys
 
 def test_zero0_checkpoints_resume_and_refuse_other_data(tiny_data, tmp_path):
     """ZeRO stage 0 writes no ZeRO optimizer shards; its checkpoints must still count and resume."""
-    from medfuse_core.sources import SourceError
+    from medfuse_core.data.sources import SourceError
 
     workdir = tmp_path / "w"
     cfg = load_config(CPU_EXPERIMENT, TINY_OVERRIDES + ["deepspeed.zero_stage=0", "train.epochs=1"])

@@ -13,7 +13,7 @@ import pytest
 from pydicom.encaps import encapsulate
 
 from medfuse_core.config import IngestConfig
-from medfuse_core.sources import METADATA_TABLE, SPLIT_TABLE, SourceError, table_path
+from medfuse_core.data.sources import METADATA_TABLE, SPLIT_TABLE, SourceError, table_path
 from pipelines import ingest
 from pipelines.cli import main
 

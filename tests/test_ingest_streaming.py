@@ -75,7 +75,7 @@ def test_ingest_streams_through_a_small_object_store(tmp_path):
     (Checked to fail when ``.materialize()`` is added after the ingest ``map_batches``.)"""
     import pyarrow.dataset as pads
 
-    from medfuse_core.synth import generate_corpus
+    from medfuse_core.data.synth import generate_corpus
     from pipelines.shards import SHARDS_DIR
 
     corpus, out, spill = tmp_path / "corpus", tmp_path / "data", tmp_path / "spill"

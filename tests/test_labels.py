@@ -7,12 +7,13 @@ import math
 import numpy as np
 import pytest
 
-from medfuse_core.batching import make_batch
-from medfuse_core.config import ConfigError, DataConfig, load_config
-from medfuse_core.labels import (BLANK_POLICIES, CHEXPERT_LABELS, UNCERTAIN_POLICIES, evaluation_targets,
+from medfuse_core.data.batching import make_batch
+from medfuse_core.config import ConfigError, DataConfig
+from medfuse_core.experiment import load_config
+from medfuse_core.data.labels import (BLANK_POLICIES, CHEXPERT_LABELS, UNCERTAIN_POLICIES, evaluation_targets,
                                  training_targets)
-from medfuse_core.metrics import choose_thresholds, multilabel_metrics
-from medfuse_core.records import pixels_to_bytes
+from medfuse_core.evaluation.metrics import choose_thresholds, multilabel_metrics
+from medfuse_core.data.records import pixels_to_bytes
 
 nan = math.nan
 RAW = np.array([[1.0, 0.0, -1.0, nan]], dtype=np.float32)  # positive, negated, uncertain, blank

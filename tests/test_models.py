@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from transformers import BertConfig
 
 from medfuse_core.config import FusionConfig, HeadConfig, ModelConfig, TextConfig, VisionConfig
-from medfuse_core.losses import masked_bce_with_logits
+from medfuse_core.objectives.diagnosis import masked_bce_with_logits
 from medfuse_core.models import (
     FUSION_MODULES,
     HEADS,
@@ -300,9 +300,11 @@ def test_real_minilm_model_forward():
 def test_core_does_not_import_cluster_libraries():
     """Checked in a fresh interpreter: other test modules may import Ray/MLflow themselves."""
     code = (
-        "import sys, torch\n"
+        "import importlib, pkgutil, sys, torch\n"
         "from transformers import BertConfig\n"
-        "import medfuse_core.losses\n"
+        "import medfuse_core\n"
+        "for m in pkgutil.walk_packages(medfuse_core.__path__, 'medfuse_core.'):\n"
+        "    importlib.import_module(m.name)\n"
         "from medfuse_core.models import TextEncoder\n"
         "TextEncoder('unused', 0, config=BertConfig(vocab_size=8, hidden_size=8, num_hidden_layers=1,"
         " num_attention_heads=1, intermediate_size=8))\n"
@@ -381,7 +383,7 @@ def test_image_only_fusion_with_a_text_encoder_skips_it(monkeypatch):
 def test_make_batch_without_tokenizer_has_no_text_keys():
     import numpy as np
 
-    from medfuse_core.batching import make_batch, tokenize
+    from medfuse_core.data.batching import make_batch, tokenize
 
     assert tokenize(None, ["a", ""], 8) == {}
     img = np.random.default_rng(0).random((2, 32, 32)).astype(np.float16)

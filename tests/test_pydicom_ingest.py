@@ -12,8 +12,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from medfuse_core.config import IngestConfig
-from medfuse_core.deid import Pseudonymizer, load_key
-from medfuse_core.dicom import REASON_CODES
+from medfuse_core.data.deid import Pseudonymizer, load_key
+from medfuse_core.data.dicom import REASON_CODES
 from pipelines import ingest
 from tests import dicom_fuzz_harness as harness
 

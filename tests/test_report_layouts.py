@@ -13,8 +13,8 @@ import re
 import numpy as np
 import pytest
 
-from medfuse_core import synth
-from medfuse_core.reports import clinical_context, clinical_context_checked, extract_sections
+from medfuse_core.data import synth
+from medfuse_core.data.reports import clinical_context, clinical_context_checked, extract_sections
 
 LAYOUTS = tuple(synth.REPORT_LAYOUTS)
 VIEWS = ("Portable semi-upright AP view of the chest.", "PA and lateral views of the chest provided.",

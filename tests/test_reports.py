@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from medfuse_core.reports import (
+from medfuse_core.data.reports import (
     MAX_CONTEXT_WORDS,
     clinical_context,
     clinical_context_checked,

@@ -12,12 +12,12 @@ import pandas as pd
 import pytest
 
 from medfuse_core.config import IngestConfig
-from medfuse_core.deid import Pseudonymizer
-from medfuse_core.labels import CHEXPERT_LABELS
-from medfuse_core.records import ROW_FIELDS, process_record
-from medfuse_core.sources import (CHEXPERT_TABLE, METADATA_TABLE, SPLIT_TABLE, SourceError, manifest_records,
+from medfuse_core.data.deid import Pseudonymizer
+from medfuse_core.data.labels import CHEXPERT_LABELS
+from medfuse_core.data.records import ROW_FIELDS, process_record
+from medfuse_core.data.sources import (CHEXPERT_TABLE, METADATA_TABLE, SPLIT_TABLE, SourceError, manifest_records,
                                   mimic_cxr_records, table_path)
-from medfuse_core.synth import generate_corpus
+from medfuse_core.data.synth import generate_corpus
 
 STEMS = (CHEXPERT_TABLE, SPLIT_TABLE, METADATA_TABLE)
 

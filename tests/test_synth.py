@@ -12,10 +12,10 @@ import numpy as np
 import pydicom
 import pytest
 
-from medfuse_core.dicom import decode_dicom
-from medfuse_core.labels import CHEXPERT_LABELS
-from medfuse_core.reports import clinical_context_checked, extract_sections
-from medfuse_core.synth import CHEXPERT_TABLE, METADATA_TABLE, SPLIT_TABLE, generate_corpus, table_path
+from medfuse_core.data.dicom import decode_dicom
+from medfuse_core.data.labels import CHEXPERT_LABELS
+from medfuse_core.data.reports import clinical_context_checked, extract_sections
+from medfuse_core.data.synth import CHEXPERT_TABLE, METADATA_TABLE, SPLIT_TABLE, generate_corpus, table_path
 
 
 def table(root: Path, stem: str) -> Path:

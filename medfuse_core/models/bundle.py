@@ -2,8 +2,9 @@
 
 A bundle directory holds::
 
-    model.safetensors     full DiagnosisModel state dict (no pickle)
-    medfuse_model.json    model config, label names, image size, extra (e.g. thresholds)
+    model.safetensors     full model state dict (no pickle)
+    medfuse_model.json    kind ("diagnosis" or "contrastive"), model config, label names (none
+                          for a stage-1 contrastive model), image size, extra (e.g. thresholds)
     text_encoder/         tokenizer files + the transformers config of the text encoder
                           (absent for an image-only model: ``model.text.name_or_path: none``)
 
@@ -23,9 +24,12 @@ from typing import Any, Optional, Sequence
 
 from torch import nn
 
-from medfuse_core.config import ModelConfig
+from medfuse_core.config import ModelConfig, PretrainModelConfig
+from medfuse_core.models.contrastive import ContrastiveModel, build_contrastive_model
 from medfuse_core.models.diagnosis import DiagnosisModel, build_model
 from medfuse_core.models.text import load_tokenizer
+
+KINDS = {DiagnosisModel: "diagnosis", ContrastiveModel: "contrastive"}
 
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "medfuse_model.json"
@@ -38,20 +42,22 @@ class LoadedBundle:
     """What :func:`load_bundle` returns; ``model`` is in eval mode; ``tokenizer`` is None for an
     image-only model."""
 
-    model: DiagnosisModel
-    model_config: ModelConfig
+    model: DiagnosisModel | ContrastiveModel
+    model_config: ModelConfig | PretrainModelConfig
     label_names: list[str]
     image_size: int
     tokenizer: Any
     extra: dict[str, Any] = field(default_factory=dict)
+    kind: str = "diagnosis"
 
 
-def _unwrap(model: nn.Module) -> DiagnosisModel:
+def _unwrap(model: nn.Module) -> DiagnosisModel | ContrastiveModel:
     # DDP / DeepSpeed engines keep the real model under ``.module``
-    while not isinstance(model, DiagnosisModel) and isinstance(getattr(model, "module", None), nn.Module):
+    kinds = tuple(KINDS)
+    while not isinstance(model, kinds) and isinstance(getattr(model, "module", None), nn.Module):
         model = model.module
-    if not isinstance(model, DiagnosisModel):
-        raise TypeError(f"expected a DiagnosisModel, got {type(model).__name__}")
+    if not isinstance(model, kinds):
+        raise TypeError(f"expected a DiagnosisModel or ContrastiveModel, got {type(model).__name__}")
     return model
 
 
@@ -95,6 +101,7 @@ def save_bundle(
         model.text_encoder.config.save_pretrained(str(text_dir))
     meta = {
         "format_version": FORMAT_VERSION,
+        "kind": KINDS[type(model)],
         "model_config": cfg.model_dump(mode="json"),
         "label_names": label_names,
         "image_size": int(image_size),
@@ -132,7 +139,8 @@ def load_bundle(bundle_dir: str | Path, device: str = "cpu") -> LoadedBundle:
     meta = json.loads(meta_path.read_text())
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{root}: unsupported bundle format {meta.get('format_version')!r}")
-    cfg = ModelConfig.model_validate(meta["model_config"])
+    kind = meta.get("kind", "diagnosis")  # bundles from before stage 1 are diagnosis models
+    cfg = (PretrainModelConfig if kind == "contrastive" else ModelConfig).model_validate(meta["model_config"])
     labels = list(meta["label_names"])
     image_size = int(meta["image_size"])
     text_config = tokenizer = None
@@ -140,7 +148,11 @@ def load_bundle(bundle_dir: str | Path, device: str = "cpu") -> LoadedBundle:
         text_dir = str(root / TEXT_DIR)
         text_config = AutoConfig.from_pretrained(text_dir)
         tokenizer = AutoTokenizer.from_pretrained(text_dir)
-    model = build_model(cfg, len(labels), image_size, text_config=text_config, load_vision_weights=False)
+    if kind == "contrastive":
+        model = build_contrastive_model(cfg, image_size, meta.get("extra", {}).get("objective", "infonce"),
+                                        text_config=text_config, load_vision_weights=False)
+    else:
+        model = build_model(cfg, len(labels), image_size, text_config=text_config, load_vision_weights=False)
     load_model(model, str(root / WEIGHTS_FILE), strict=True, device=device)
     model.to(device).eval()
-    return LoadedBundle(model, cfg, labels, image_size, tokenizer, dict(meta.get("extra") or {}))
+    return LoadedBundle(model, cfg, labels, image_size, tokenizer, dict(meta.get("extra") or {}), kind)

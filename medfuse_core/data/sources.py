@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from medfuse_core.labels import CHEXPERT_LABELS
+from medfuse_core.data.labels import CHEXPERT_LABELS
 
 SPLITS = ("train", "validate", "test")
 # MIMIC-CXR tables, by stem: read as released (``.csv.gz``) or unpacked (``.csv``).

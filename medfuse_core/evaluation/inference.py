@@ -7,7 +7,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from medfuse_core.batching import blobs_to_images, images_to_tensor, tokenize
+from medfuse_core.data.batching import blobs_to_images, images_to_tensor, tokenize
 
 
 @torch.no_grad()

@@ -5,7 +5,7 @@ frame quarantines the whole record), "quarantined" (a reason
 code) or "filtered" (dropped by a stated policy: a view not selected, a non-image object).
 No exception escapes :func:`process_record`; reason codes never carry header values or text.
 
-Everything that reaches a row is de-identified first (:mod:`medfuse_core.deid`): patient and
+Everything that reaches a row is de-identified first (:mod:`medfuse_core.data.deid`): patient and
 study ids become keyed pseudonyms, the header is reduced to an allow-list, and the report is
 scrubbed before the clinical context is cut from it.
 """
@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from medfuse_core.config import IngestConfig
-from medfuse_core.deid import Pseudonymizer, deidentify, has_burned_in_annotation, pseudonymize_record_ids
-from medfuse_core.dicom import DicomDecodeError, decode_dicom, frame_indices, read_dataset
-from medfuse_core.reports import clinical_context_checked
-from medfuse_core.sources import safe_code
+from medfuse_core.data.deid import Pseudonymizer, deidentify, has_burned_in_annotation, pseudonymize_record_ids
+from medfuse_core.data.dicom import DicomDecodeError, decode_dicom, frame_indices, read_dataset
+from medfuse_core.data.reports import clinical_context_checked
+from medfuse_core.data.sources import safe_code
 
 ROW_FIELDS = ("record_id", "image_id", "frame", "study_id", "patient_id", "split", "view", "modality",
               "transfer_syntax", "image", "image_size", "image_sha1", "context", "context_status", "report", "labels",

@@ -52,7 +52,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
-from medfuse_core.pydicom_quiet import quiet_pydicom
+from medfuse_core.data.pydicom_quiet import quiet_pydicom
 
 __all__ = [
     "AGE_CAP",
@@ -91,7 +91,7 @@ MIN_KEY_BYTES = 16
 _KEY_HELP = (
     "provide the de-identification key in the environment variable {env} (hex, at least "
     "32 hex characters), or in a key file passed as key_file= or named by {env}_FILE; "
-    "create one with medfuse_core.deid.generate_key_file(path) and keep it outside all "
+    "create one with medfuse_core.data.deid.generate_key_file(path) and keep it outside all "
     "outputs. For synthetic data only, use Pseudonymizer.for_synthetic_data()."
 )
 

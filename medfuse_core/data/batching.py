@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medfuse_core.labels import CHEXPERT_LABELS, evaluation_targets, training_targets
+from medfuse_core.data.labels import CHEXPERT_LABELS, evaluation_targets, training_targets
 
 IMAGE_MEAN = 0.5
 IMAGE_STD = 0.25

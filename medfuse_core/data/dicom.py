@@ -92,7 +92,7 @@ from pydicom.uid import (
     JPEGTransferSyntaxes,
 )
 
-from medfuse_core.pydicom_quiet import quiet_pydicom
+from medfuse_core.data.pydicom_quiet import quiet_pydicom
 
 __all__ = [
     "DEFAULT_MAX_DECODED_BYTES",

@@ -53,8 +53,8 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, RLELossless
 
-from medfuse_core.labels import CHEXPERT_LABELS
-from medfuse_core.sources import CHEXPERT_TABLE, METADATA_TABLE, SPLIT_TABLE, table_path  # noqa: F401 (re-exported)
+from medfuse_core.data.labels import CHEXPERT_LABELS
+from medfuse_core.data.sources import CHEXPERT_TABLE, METADATA_TABLE, SPLIT_TABLE, table_path  # noqa: F401 (re-exported)
 
 UID_ROOT = "1.2.826.0.1.3680043.8.498."
 DX_FOR_PRESENTATION = UID("1.2.840.10008.5.1.4.1.1.1.1")

@@ -1,6 +1,6 @@
 """Multi-label diagnosis metrics (AUROC, AUPRC, F1 at chosen thresholds) with missing labels.
 
-Labels come from :func:`medfuse_core.labels.evaluation_targets`: 1/0, NaN where not scored
+Labels come from :func:`medfuse_core.data.labels.evaluation_targets`: 1/0, NaN where not scored
 (uncertain; blank under ``blank_policy=ignore``). Each label is scored on its own non-NaN
 entries, and only where both classes are present (so "No Finding" is scored under
 ``blank_policy=negative`` and skipped under ``ignore``).

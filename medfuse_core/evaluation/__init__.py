@@ -1,0 +1,2 @@
+"""Evaluation: metrics with missing labels, scoring a bundle, zero-shot classification and
+image-report retrieval."""

@@ -1,0 +1,62 @@
+"""Console output shared by the commands: progress bars and result tables (rich)."""
+
+from __future__ import annotations
+
+import json
+
+
+def print_ingest(summary: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="ingest", show_header=False)
+    for key in ("n_records", "n_ok", "n_quarantined", "n_filtered"):
+        table.add_row(key, str(summary[key]))
+    table.add_row("quarantine_by_reason", json.dumps(summary["quarantine_by_reason"]))
+    table.add_row("splits", json.dumps(summary["splits"]))
+    Console().print(table)
+
+
+def print_results(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    if result.get("kind") == "contrastive":
+        zs, rt = result["zero_shot"], result["retrieval"]
+        table = Table(title=f"pretrained model, test split ({result['n_test']} images)")
+        table.add_column("zero-shot label")
+        table.add_column("AUROC", justify="right")
+        for name, value in zs["auroc"].items():
+            table.add_row(name, f"{value:.3f}")
+        table.add_row("[bold]auroc_macro", f"[bold]{zs['auroc_macro']:.3f}")
+        for direction in ("image_to_text", "text_to_image"):
+            table.add_row(f"retrieval {direction}", "  ".join(f"{k} {v:.3f}" for k, v in rt[direction].items()))
+        Console().print(table)
+        return
+
+    table = Table(title=f"test split ({result['n_test']} images)")
+    table.add_column("label")
+    for mode in ("image_only", "image_text"):
+        table.add_column(f"AUROC {mode}", justify="right")
+    for name in result["label_names"]:
+        if name in result["image_text"]["auroc"]:
+            table.add_row(name, *(f"{result[m]['auroc'].get(name, float('nan')):.3f}"
+                                  for m in ("image_only", "image_text")))
+    for key in ("auroc_macro", "auprc_macro", "f1_macro"):
+        table.add_row(f"[bold]{key}", *(f"[bold]{result[m][key]:.3f}" for m in ("image_only", "image_text")))
+    Console().print(table)
+
+
+def with_progress(title: str, fn):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), transient=False) as progress:
+        task = progress.add_task(title, total=None)
+
+        def cb(done, total):
+            progress.update(task, completed=done, total=total)
+
+        return fn(cb)
+
+
