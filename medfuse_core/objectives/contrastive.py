@@ -54,10 +54,12 @@ class LogitScale(nn.Module):
         if not (math.isfinite(init_temperature) and init_temperature > 0):
             raise ValueError(f"init_temperature must be a positive number, got {init_temperature!r}")
         self.kind = kind
-        self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
+        # shape [1], not []: DeepSpeed's start-up broadcast views each parameter as bytes, which a
+        # 0-dim tensor cannot do; forward returns scalars
+        self.log_scale = nn.Parameter(torch.tensor([math.log(1.0 / init_temperature)]))
         if kind == "siglip":
             bias = _DEFAULT_BIAS if init_bias is None else float(init_bias)
-            self.bias: Optional[nn.Parameter] = nn.Parameter(torch.tensor(bias))
+            self.bias: Optional[nn.Parameter] = nn.Parameter(torch.tensor([bias]))
         else:
             # An unused bias parameter would break DDP's unused-parameter check; refuse it.
             if init_bias is not None:
@@ -69,9 +71,9 @@ class LogitScale(nn.Module):
 
         A model calls this inside its own forward so that ZeRO-3 gathers both parameters.
         """
-        scale = self.log_scale.exp().clamp(max=self.max_scale)
+        scale = self.log_scale.exp().clamp(max=self.max_scale)[0]
         if with_bias:
-            return scale, (self.bias * 1.0 if self.bias is not None else None)
+            return scale, (self.bias[0] if self.bias is not None else None)
         return scale
 
     def extra_repr(self) -> str:
@@ -178,7 +180,7 @@ def _infonce(img: torch.Tensor, txt: torch.Tensor, scale: LogitScale) -> torch.T
 def _siglip(img: torch.Tensor, txt: torch.Tensor, scale: LogitScale) -> torch.Tensor:
     if scale.bias is None:
         raise ValueError("siglip needs a LogitScale(kind='siglip') (one with a bias)")
-    return siglip_loss(img, txt, scale(), scale.bias)
+    return siglip_loss(img, txt, *scale(with_bias=True))
 
 
 #: name -> ``fn(img, txt, scale: LogitScale) -> loss``, for local L2-normalised features.
