@@ -393,3 +393,26 @@ def test_make_batch_without_tokenizer_has_no_text_keys():
                        text_dropout=0.5, augment_images=True)
     assert not {"input_ids", "attention_mask", "text_present"} & set(batch)
     assert batch["images"].shape == (2, 1, 32, 32) and batch["targets"].shape == (2, 2)
+
+
+# --------------------------------------------------------------------------- vision freezing
+
+
+def test_vision_trainable_layers_train_only_the_top_blocks():
+    from medfuse_core.models.vision import build_vision_encoder
+
+    def trained(enc):
+        return {n.split(".")[1] if n.startswith(("backbone.", "vit.")) else n
+                for n, p in enc.named_parameters() if p.requires_grad}
+
+    assert not trained(build_vision_encoder(VisionConfig(name="resnet18", trainable_layers=0), 64))
+    top = build_vision_encoder(VisionConfig(name="resnet18", trainable_layers=1), 64)
+    assert trained(top) == {"layer4"}
+    assert trained(build_vision_encoder(VisionConfig(name="resnet18", trainable_layers=2), 64)) == {"layer3", "layer4"}
+    everything = build_vision_encoder(VisionConfig(name="resnet18"), 64)
+    assert all(p.requires_grad for p in everything.parameters())
+    vit = build_vision_encoder(VisionConfig(name="vit_tiny", trainable_layers=2), 64)
+    names = {n for n, p in vit.named_parameters() if p.requires_grad}
+    assert names and all(n.startswith(("vit.encoder.layers.encoder_layer_10", "vit.encoder.layers.encoder_layer_11",
+                                       "vit.encoder.ln")) for n in names)
+    assert any(n.startswith("vit.encoder.ln") for n in names)
