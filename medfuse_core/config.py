@@ -21,6 +21,14 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the key and what is wrong."""
 
 
+def _check_labels(labels: list[str]) -> None:
+    unknown = [name for name in labels if name not in CHEXPERT_LABELS]
+    if unknown:
+        raise ValueError(f"unknown label names {unknown}; known: {list(CHEXPERT_LABELS)}")
+    if not labels:
+        raise ValueError("at least one label is needed")
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -114,11 +122,7 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _known_labels(self) -> "DataConfig":
-        unknown = [name for name in self.labels if name not in CHEXPERT_LABELS]
-        if unknown:
-            raise ValueError(f"unknown label names {unknown}; known: {list(CHEXPERT_LABELS)}")
-        if not self.labels:
-            raise ValueError("at least one label is needed")
+        _check_labels(self.labels)
         return self
 
 
@@ -214,7 +218,8 @@ class PretrainDataConfig(_Section):
     """How shards become image-report pairs (stage 1)."""
 
     image_size: int = Field(128, ge=16, le=2048)
-    # report sections paired with the image (de-identified text); rows with none are skipped
+    # report sections paired with the image (de-identified text); a report with neither pairs
+    # with an empty text (about 1% of the independent corpus)
     text_sections: list[Literal["findings", "impression"]] = Field(
         default_factory=lambda: ["findings", "impression"], min_length=1)
     allow_resize: bool = False
@@ -226,9 +231,7 @@ class PretrainDataConfig(_Section):
 
     @model_validator(mode="after")
     def _known_labels(self) -> "PretrainDataConfig":
-        unknown = [name for name in self.labels if name not in CHEXPERT_LABELS]
-        if unknown:
-            raise ValueError(f"unknown label names {unknown}; known: {list(CHEXPERT_LABELS)}")
+        _check_labels(self.labels)
         return self
 
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medfuse_core.models.param_groups import optimizer_groups
 from medfuse_core.models.text import TextEncoder
 from medfuse_core.models.vision import VisionEncoder, build_vision_encoder
 from medfuse_core.objectives.contrastive import LogitScale
@@ -73,18 +74,9 @@ class ContrastiveModel(nn.Module):
         return True
 
     def param_groups(self, lr: float, text_lr: float, weight_decay: float) -> list[dict[str, Any]]:
-        """Trainable parameters: the text encoder at ``text_lr``, the rest at ``lr``; no decay on
-        biases, norms and the temperature."""
-        buckets: dict[tuple[bool, bool], list[nn.Parameter]] = {}
-        for name, param in self.named_parameters():
-            if not param.requires_grad:
-                continue
-            is_text = name.startswith("text_encoder.")
-            no_decay = param.ndim <= 1 or name.startswith("logit_scale.")
-            buckets.setdefault((is_text, no_decay), []).append(param)
-        return [{"name": f"{'text' if t else 'main'}{'_no_decay' if nd else ''}", "params": ps,
-                 "lr": text_lr if t else lr, "weight_decay": 0.0 if nd else weight_decay}
-                for (t, nd), ps in sorted(buckets.items())]
+        """Optimizer groups: the text encoder at ``text_lr``, the rest at ``lr``; no decay on
+        biases, norms and the temperature (all ``ndim <= 1``)."""
+        return optimizer_groups(self, lr, text_lr, weight_decay)
 
 
 def build_contrastive_model(cfg, image_size: int, objective: str = "infonce", *,

@@ -11,6 +11,7 @@ from torch import nn
 from medfuse_core.config import ModelConfig
 from medfuse_core.models.fusion import build_fusion
 from medfuse_core.models.heads import build_head
+from medfuse_core.models.param_groups import optimizer_groups
 from medfuse_core.models.text import TextEncoder
 from medfuse_core.models.vision import VisionEncoder, build_vision_encoder
 
@@ -124,31 +125,9 @@ class DiagnosisModel(nn.Module):
         return self.text_encoder is not None and getattr(self.fusion, "uses_text", True)
 
     def param_groups(self, lr: float, text_lr: float, weight_decay: float) -> list[dict[str, Any]]:
-        """Optimizer parameter groups over trainable parameters.
-
-        The pretrained text encoder gets ``text_lr``, everything else ``lr``; biases,
-        norm weights (any parameter with ndim <= 1) and embedding-like tokens
-        (``NO_DECAY_NAMES``) get no weight decay. Empty groups are left out; each group
-        carries a ``name`` key for logging.
-        """
-        buckets: dict[tuple[bool, bool], list[nn.Parameter]] = {}
-        for name, param in self.named_parameters():
-            if not param.requires_grad:
-                continue
-            is_text = name.startswith("text_encoder.")
-            no_decay = param.ndim <= 1 or name.rsplit(".", 1)[-1] in NO_DECAY_NAMES
-            buckets.setdefault((is_text, no_decay), []).append(param)
-        groups = []
-        for (is_text, no_decay), params in sorted(buckets.items()):
-            groups.append(
-                {
-                    "name": f"{'text' if is_text else 'main'}{'_no_decay' if no_decay else ''}",
-                    "params": params,
-                    "lr": text_lr if is_text else lr,
-                    "weight_decay": 0.0 if no_decay else weight_decay,
-                }
-            )
-        return groups
+        """Optimizer groups (:func:`~medfuse_core.models.param_groups.optimizer_groups`); the
+        embedding-like tokens (``NO_DECAY_NAMES``) get no weight decay either."""
+        return optimizer_groups(self, lr, text_lr, weight_decay, NO_DECAY_NAMES)
 
 
 def build_model(
