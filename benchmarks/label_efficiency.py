@@ -302,10 +302,14 @@ def plot(rows: list[dict], pre: dict | None):
             ax.axhline(pre["test"]["zero_shot_auroc_macro_drawn"], ls="--", color="tab:green",
                        label="zero-shot (pretrained, no labels)")
         ax.set_xscale("log")
+        fr = sorted({r["fraction"] for r in rows})
+        ax.set_xlim(fr[0] / 2, fr[-1] * 2)
+        ax.set_xticks(fr, [f"{f:g}" for f in fr])
+        ax.minorticks_off()
         ax.set_xlabel("label fraction of the training images")
         ax.set_title({"image_only": "image only", "image_text": "image + clinical context"}[mode])
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="best")
     axes[0].set_ylabel("test macro AUROC (drawn findings)")
     fig.suptitle("Label efficiency on the independent corpus: fine-tuning from pretraining vs from scratch")
     fig.tight_layout()
@@ -403,6 +407,7 @@ def log_mlflow(work: Path, result: dict, new_cells: list[str]) -> str:
             for mode in MODES:
                 client.log_metric(parent, f"delta/f{d['fraction']:g}/{split}/{mode}/mean", d[f"{split}_{mode}"]["mean"],
                                   now, 0)
+    client.set_terminated(parent)  # a resumed invocation logs to it again and ends it again
     return parent
 
 
