@@ -222,6 +222,9 @@ class PretrainDataConfig(_Section):
     # with an empty text (about 1% of the independent corpus)
     text_sections: list[Literal["findings", "impression"]] = Field(
         default_factory=lambda: ["findings", "impression"], min_length=1)
+    # training text per image: the whole FINDINGS + IMPRESSION ("full"), or one sentence of it drawn
+    # afresh each epoch ("sentence": ConVIRT's text augmentation; validation always uses the full text)
+    text_sampling: Literal["full", "sentence"] = "full"
     allow_resize: bool = False
     augment: bool = True
     # zero-shot validation and `medfuse evaluate`: the prompt file (None: experiments/prompts/cxr_zero_shot.yaml)

@@ -9,6 +9,7 @@ carry labels and a prompt file is set, zero-shot AUROC per finding.
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,24 @@ def report_text(report: str, sections=("findings", "impression")) -> str:
 
     found = extract_sections(report or "")
     return " ".join(found[s] for s in sections if found.get(s))
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?;])\s+(?=\S)")
+
+
+def report_sentences(text: str) -> list[str]:
+    """The sentences of a report text (split after ``.``, ``!``, ``?`` or ``;``), empty ones dropped."""
+    return [s.strip() for s in _SENTENCE_END.split(text or "") if len(s.strip()) > 1]
+
+
+def sample_sentences(texts: list[str], generator: torch.Generator) -> list[str]:
+    """One sentence drawn at random from each text (ConVIRT's text augmentation); '' stays ''."""
+    out = []
+    draws = torch.rand(len(texts), generator=generator).tolist()
+    for text, u in zip(texts, draws):
+        sentences = report_sentences(text)
+        out.append(sentences[min(int(u * len(sentences)), len(sentences) - 1)] if sentences else text)
+    return out
 
 
 def text_key(text: str) -> str:
@@ -61,6 +80,8 @@ class AlignmentObjective(Objective):
         if train and d.augment:
             images = augment(images, generator)
         texts = [report_text(r if isinstance(r, str) else "", d.text_sections) for r in rows["report"]]
+        if train and d.text_sampling == "sentence":
+            texts = sample_sentences(texts, generator)
         enc = tokenize(tokenizer, texts, self.cfg.model.text.max_tokens)
         batch = {"images": images, "input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
         if not train:
