@@ -22,9 +22,10 @@ by ``time_to_quality.prepare``, cached under ``--data-work``), in one process wi
    init (``pretrained``: ``init_from=<the pretraining workdir>``; ``scratch``: no init_from).
    When a fraction holds too few images for ``scaling.num_workers x train.batch_size x 2``
    (two steps per epoch), ``train.batch_size`` is lowered to fit (at least 2); the batch used is
-   recorded per cell. The best checkpoint (by the config's validation score) is scored with
-   ``pipelines.evaluate.score_splits`` on validate and test: macro AUROC over the drawn findings
-   (``time_to_quality.macro_auroc``), image-only and image + clinical context.
+   recorded per cell. ``--min-steps`` raises a cell's ``train.epochs`` so that a small fraction
+   still takes that many optimizer steps (up to ``--max-epochs``). The best checkpoint (by the
+   config's validation score) is scored with ``pipelines.evaluate.score_splits`` on validate and
+   test: macro AUROC over the drawn findings (``time_to_quality.macro_auroc``), image-only and image + clinical context.
 3. **MLflow**: one parent run ``label-efficiency`` in the embedded store under ``--work``
    (experiment ``medfuse-label-efficiency``) with a child run per (fraction, seed, init) (params,
    validate/test metrics, the fine-tuning run's id and store); the parent gets the pretrained
@@ -188,8 +189,15 @@ def fit_batch(n_train: int, batch: int, workers: int) -> int:
     return max(MIN_BATCH, n_train // (workers * MIN_STEPS_PER_EPOCH))
 
 
+def fit_epochs(n_train: int, batch: int, workers: int, epochs: int, min_steps: int, max_epochs: int) -> int:
+    """The configured epochs, raised so a small fraction still takes ``min_steps`` optimizer steps (capped)."""
+    per_epoch = max(1, n_train // (workers * batch))
+    return max(epochs, min(max_epochs, -(-min_steps // per_epoch)))
+
+
 def finetune_cell(data: Path, work: Path, config: Path, overrides: list[str], fraction: float, seed: int,
-                  init: str, pretrain_dir: str | None, keep_checkpoints: bool) -> dict:
+                  init: str, pretrain_dir: str | None, keep_checkpoints: bool, min_steps: int = 0,
+                  max_epochs: int = 0) -> dict:
     """One fine-tuning run and its validate/test macro AUROC over the drawn findings."""
     import mlflow
     import numpy as np
@@ -206,7 +214,9 @@ def finetune_cell(data: Path, work: Path, config: Path, overrides: list[str], fr
     else:
         n = summary.get("labelled_images_per_split", summary["splits"]).get("train", 0)
     batch = fit_batch(n, base.train.batch_size, base.scaling.num_workers)
-    cell_overrides = [*overrides, f"data.label_fraction={fraction}", f"train.seed={seed}", f"train.batch_size={batch}"]
+    epochs = fit_epochs(n, batch, base.scaling.num_workers, base.train.epochs, min_steps, max(max_epochs, base.train.epochs))
+    cell_overrides = [*overrides, f"data.label_fraction={fraction}", f"train.seed={seed}", f"train.batch_size={batch}",
+                      f"train.epochs={epochs}"]
     if init == "pretrained":
         cell_overrides.append(f"init_from={pretrain_dir}")
     cfg = load_config(config, cell_overrides)
@@ -458,6 +468,9 @@ def main(argv=None) -> int:
     p.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.1, 1.0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--inits", nargs="+", choices=INITS, default=list(INITS))
+    p.add_argument("--min-steps", type=int, default=0,
+                   help="raise a cell's epochs so it takes at least this many optimizer steps (small fractions)")
+    p.add_argument("--max-epochs", type=int, default=60, help="the cap on those raised epochs")
     p.add_argument("--pretrain-only", action="store_true", help="pretrain and score the pretrained model only")
     p.add_argument("--keep-checkpoints", action="store_true")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "label_efficiency.json")
@@ -519,7 +532,8 @@ def main(argv=None) -> int:
                         say(f"{key}: in {args.out.name} already; skipped")
                         continue
                     cells[key] = finetune_cell(data, args.work, args.finetune_config, fine_over, fraction, seed,
-                                               init, pre["workdir"], args.keep_checkpoints)
+                                               init, pre["workdir"], args.keep_checkpoints,
+                                               min_steps=args.min_steps, max_epochs=args.max_epochs)
                     c = cells[key]
                     say(f"{key}: validate {c['validate_image_only']:.3f}/{c['validate_image_text']:.3f} test "
                         f"{c['test_image_only']:.3f}/{c['test_image_text']:.3f} (image-only/image+context), "
