@@ -32,7 +32,7 @@ def test_finetune_learns_and_tracks(first_run):
                                       key=lambda m: m.step)]
     assert len(epochs) == 3 and epochs[-1] < epochs[0], epochs  # the mean training loss fell
     assert client.get_metric_history(run.info.run_id, "perf/samples_per_sec")
-    assert run.data.params["model.fusion.name"] == "co_attention"
+    assert run.data.params["model.fusion.name"] == load_config(CPU_EXPERIMENT, TINY_OVERRIDES).model.fusion.name
     assert run.data.params["deepspeed.zero_stage"] == "2"
     assert run.inputs.dataset_inputs, "dataset digest logged as a run input"
     versions = client.search_model_versions("name='medfuse-cxr-diagnosis'")
