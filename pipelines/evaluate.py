@@ -188,6 +188,15 @@ def attention_figure(bundle_dir: Path, data_dir: Path, scored_labels=None, n: in
     return plots.attention_maps(np.stack(resized), amap.reshape(len(images), *grid), titles)
 
 
+def _fusion_name(bundle_dir: Path) -> str:
+    """The fusion module a bundle was built with (for messages)."""
+    try:
+        meta = json.loads((Path(bundle_dir) / "medfuse_model.json").read_text())
+        return str(meta["model_config"]["fusion"]["name"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "unknown"
+
+
 def _run_note(result: dict) -> str:
     """A short Markdown description for the MLflow run page."""
     source = ("Thresholds chosen on the validation split." if result["thresholds_from"] == "validate"
@@ -258,6 +267,10 @@ def run(model_ref: str, data_dir: str | Path, out: str | Path, log_images: bool 
         figure = None
         if log_images and run_id:
             figure = attention_figure(bundle_dir, data_dir, _scorable(parts, names))
+            if figure is None:
+                log.warning("--log-images: this model's fusion module (%s) exposes no text-to-image attention, or "
+                            "no test image has clinical context; no attention maps logged",
+                            _fusion_name(bundle_dir))
         elif log_images:
             log.warning("--log-images: %s has no MLflow run to log images to; none logged", model_ref)
     result = {"model": model_ref, "data_digest": summary.get("digest"), "blank_policy": blank_policy,

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 def test_quickstart_then_evaluate_by_run_and_registry(ray_local, tmp_path, capsys):
     workdir = tmp_path / "qs"
     code = main(["quickstart", "--workdir", str(workdir), "--studies", "70", "--seed", "3",
-                 *TINY_OVERRIDES, "train.epochs=1"])
+                 *TINY_OVERRIDES, "train.epochs=1", "model.fusion.name=co_attention"])  # attention maps
     assert code == 0
     metrics = json.loads((workdir / "metrics.json").read_text())
     for mode in ("image_only", "image_text"):

@@ -62,7 +62,7 @@ def bundle_dir(tmp_path_factory) -> Path:
     from medfuse_core.experiment import load_config
     from medfuse_core.models import build_model, save_bundle
 
-    cfg = load_config(CPU_EXPERIMENT, TINY_OVERRIDES)
+    cfg = load_config(CPU_EXPERIMENT, TINY_OVERRIDES + ["model.fusion.name=co_attention"])  # it has attention maps
     torch.manual_seed(0)
     model = build_model(cfg.model, len(CHEXPERT_LABELS), cfg.data.image_size, load_vision_weights=False).eval()
     out = tmp_path_factory.mktemp("bundle") / "model"
