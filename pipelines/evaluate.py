@@ -154,9 +154,10 @@ def attention_rows(data_dir: str | Path, n: int = 6):
 
 
 def attention_figure(bundle_dir: Path, data_dir: Path, scored_labels=None, n: int = 6):
-    """Text-to-image attention over a few test images that have clinical context; None if the
-    fusion module exposes no such map (concat, gated) or no test row has context. Titles name
-    the top predictions among ``scored_labels`` (labels without training signal are left out)."""
+    """Text-to-image attention over a few test images that have clinical context; None (with a
+    warning saying why) if the fusion module exposes no such map (concat, gated, image-only) or
+    no test row has context. Titles name the top predictions among ``scored_labels`` (labels
+    without training signal are left out)."""
     import torch
 
     from medfuse_core.data.batching import blobs_to_images, images_to_tensor, tokenize
@@ -165,10 +166,13 @@ def attention_figure(bundle_dir: Path, data_dir: Path, scored_labels=None, n: in
 
     table = attention_rows(data_dir, n)
     if table is None or table.num_rows == 0:
+        log.warning("--log-images: no test image has clinical context; no attention maps logged")
         return None
     rows = table.to_pydict()
     bundle = load_bundle(bundle_dir)
+    fusion = bundle.model_config.fusion.name
     if bundle.tokenizer is None:  # image-only model: no text, so no text-to-image map
+        log.warning("--log-images: an image-only model has no text-to-image attention; no attention maps logged")
         return None
     images = blobs_to_images(rows["image"], rows["image_size"])
     tok = tokenize(bundle.tokenizer, rows["context"], bundle.model_config.text.max_tokens)
@@ -176,6 +180,8 @@ def attention_figure(bundle_dir: Path, data_dir: Path, scored_labels=None, n: in
         out = bundle.model(images_to_tensor(images, bundle.image_size), **tok)
     att = out["attention"].get("text_to_image")
     if att is None:
+        log.warning("--log-images: the %s fusion module has no text-to-image attention; no attention maps logged",
+                    fusion)
         return None
     real = tok["attention_mask"].float()
     amap = (att.float().sum(1) / real.sum(1, keepdim=True).clamp(min=1)).numpy()
@@ -186,15 +192,6 @@ def attention_figure(bundle_dir: Path, data_dir: Path, scored_labels=None, n: in
               for p in probs]
     resized = [np.asarray(images_to_tensor([im], bundle.image_size)[0, 0] * 0.25 + 0.5) for im in images]
     return plots.attention_maps(np.stack(resized), amap.reshape(len(images), *grid), titles)
-
-
-def _fusion_name(bundle_dir: Path) -> str:
-    """The fusion module a bundle was built with (for messages)."""
-    try:
-        meta = json.loads((Path(bundle_dir) / "medfuse_model.json").read_text())
-        return str(meta["model_config"]["fusion"]["name"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return "unknown"
 
 
 def _run_note(result: dict) -> str:
@@ -267,10 +264,6 @@ def run(model_ref: str, data_dir: str | Path, out: str | Path, log_images: bool 
         figure = None
         if log_images and run_id:
             figure = attention_figure(bundle_dir, data_dir, _scorable(parts, names))
-            if figure is None:
-                log.warning("--log-images: this model's fusion module (%s) exposes no text-to-image attention, or "
-                            "no test image has clinical context; no attention maps logged",
-                            _fusion_name(bundle_dir))
         elif log_images:
             log.warning("--log-images: %s has no MLflow run to log images to; none logged", model_ref)
     result = {"model": model_ref, "data_digest": summary.get("digest"), "blank_policy": blank_policy,

@@ -148,6 +148,31 @@ def test_attention_rows_reads_at_most_n_rows_with_context(data_dir):
         assert all(c and c.strip() for c in table.column("context").to_pylist())
 
 
+@pytest.mark.parametrize("fusion, has_map", [("co_attention", True), ("gated", False)])
+def test_attention_figure_only_for_attention_fusions_and_says_why(fusion, has_map, data_dir, tmp_path, caplog):
+    import torch
+
+    from medfuse_core.experiment import load_config
+    from medfuse_core.models import build_model, save_bundle
+    from pipelines.evaluate import attention_figure
+
+    cfg = load_config(CPU_EXPERIMENT, TINY_OVERRIDES + [f"model.fusion.name={fusion}"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, len(CHEXPERT_LABELS), cfg.data.image_size, load_vision_weights=False).eval()
+    bundle = save_bundle(model, cfg.model, list(CHEXPERT_LABELS), cfg.data.image_size, tmp_path / "model")
+    with caplog.at_level(logging.WARNING, logger="medfuse"):
+        figure = attention_figure(bundle, data_dir)
+    assert (figure is not None) == has_map
+    if figure is not None:
+        import matplotlib.pyplot as plt
+
+        plt.close(figure)
+    warned = [r.getMessage() for r in caplog.records if "no attention maps logged" in r.getMessage()]
+    assert (warned == []) == has_map
+    if not has_map:
+        assert fusion in warned[0]
+
+
 def test_images_reach_mlflow_only_with_log_images(ray_local, bundle_dir, data_dir, tmp_path):
     import mlflow
 
