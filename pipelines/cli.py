@@ -1,4 +1,4 @@
-"""The ``medfuse`` command: synth, ingest, finetune, evaluate, quickstart.
+"""The ``medfuse`` command: synth, ingest, pretrain, finetune, sweep, evaluate, quickstart.
 
 Every sub-command calls the stage's plain ``run(...)`` function, the same one a
 ``ray job submit -- medfuse ...`` entrypoint runs on a cluster. Input and config errors exit
@@ -108,6 +108,18 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from medfuse_core.sweep_config import load_sweep
+    from pipelines import sweep
+    from pipelines.console import print_sweep
+
+    plan = load_sweep(args.config, args.overrides)
+    sweep.check_sweep(plan)
+    facts = sweep.run(plan, args.data, args.workdir)
+    print_sweep(facts)
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from pipelines import evaluate
 
@@ -167,6 +179,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*",
                    help="key=value overrides, e.g. train.epochs=3 init_from=PRETRAIN_WORKDIR data.label_fraction=0.1")
     p.set_defaults(fn=cmd_finetune)
+
+    p = sub.add_parser("sweep", help="Ray Tune sweep over experiment keys (each trial a Ray Train + DeepSpeed run); "
+                                     "re-running the same workdir resumes it")
+    p.add_argument("--config", required=True, help="sweep file, e.g. experiments/sweep_fusion_cpu.yaml")
+    p.add_argument("--data", required=True)
+    p.add_argument("--workdir", required=True)
+    p.add_argument("overrides", nargs="*",
+                   help="key=value set the base experiment (train.epochs=3); sweep.KEY=VALUE the sweep "
+                        "(sweep.num_samples=4, sweep.searcher.name=optuna)")
+    p.set_defaults(fn=cmd_sweep)
 
     p = sub.add_parser("evaluate", help="score the test split: diagnosis (image-only and image+text), or "
                                         "zero-shot and retrieval for a pretrained model")

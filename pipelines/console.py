@@ -47,6 +47,28 @@ def print_results(result: dict) -> None:
     Console().print(table)
 
 
+def print_sweep(facts: dict) -> None:
+    """The sweep's trials (status, drawn values, best metric) and the registered best model."""
+    from rich.console import Console
+    from rich.table import Table
+
+    trials = facts.get("trials", [])
+    keys = list(trials[0]["params"]) if trials else []
+    best = facts.get("best") or {}
+    table = Table(title=f"sweep {facts.get('name')} ({len(trials)} trials)")
+    for col in ["trial", "status", "epochs", *keys, "best metric"]:
+        table.add_column(col, justify="right" if col in ("epochs", "best metric") else "left")
+    for t in trials:
+        mark = "[bold]" if t["trial_id"] == best.get("trial_id") else ""
+        table.add_row(mark + t["trial_id"], t["status"], str(t["epochs_done"]),
+                      *(f"{v:.3g}" if isinstance(v, float) else str(v) for v in (t["params"][k] for k in keys)),
+                      f"{t['metric_best']:.4f}")
+    Console().print(table)
+    if best:
+        print(json.dumps({k: best.get(k) for k in ("trial_id", "metric", "score", "mlflow_run_id", "model_uri")},
+                         indent=2))
+
+
 def with_progress(title: str, fn):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 

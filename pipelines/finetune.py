@@ -105,7 +105,7 @@ def resolve_init_from(cfg: FinetuneConfig, tmp: Path) -> tuple[Path, dict]:
     return bundle, {k: v for k, v in lineage.items() if v is not None}
 
 
-def run(cfg: FinetuneConfig, data_dir: str | Path, workdir: str | Path) -> dict:
+def run(cfg: FinetuneConfig, data_dir: str | Path, workdir: str | Path, context=None) -> dict:
     """Train (or resume) and log/register the best model; returns the run facts."""
     data_dir = Path(data_dir)
     summary = load_summary(data_dir)
@@ -127,7 +127,7 @@ def run(cfg: FinetuneConfig, data_dir: str | Path, workdir: str | Path) -> dict:
         return run_training("finetune", cfg, data_dir, workdir, summary=summary,
                             datasets_fn=lambda: _datasets(data_dir, cfg), n_train=n_train, n_val=n_val,
                             loop_extra=loop_extra, tags=tags, facts_extra={"lineage": lineage, "n_train": n_train},
-                            params_extra={"data.n_train_images": n_train})
+                            params_extra={"data.n_train_images": n_train}, context=context)
 
 
 def load_facts(workdir: str | Path) -> dict:

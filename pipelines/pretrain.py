@@ -42,10 +42,11 @@ def _datasets(data_dir: Path, cfg: PretrainConfig):
             "validate": read_split(data_dir, "validate", columns)}
 
 
-def run(cfg: PretrainConfig, data_dir: str | Path, workdir: str | Path) -> dict:
+def run(cfg: PretrainConfig, data_dir: str | Path, workdir: str | Path, context=None) -> dict:
     """Pretrain (or resume) and log/register the best stage-1 model; returns the run facts."""
     data_dir = Path(data_dir)
     summary = load_summary(data_dir)
     n_train, n_val = check_data(cfg, summary)
     return run_training("pretrain", cfg, data_dir, workdir, summary=summary,
-                        datasets_fn=lambda: _datasets(data_dir, cfg), n_train=n_train, n_val=n_val)
+                        datasets_fn=lambda: _datasets(data_dir, cfg), n_train=n_train, n_val=n_val,
+                        context=context)

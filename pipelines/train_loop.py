@@ -566,6 +566,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         score = score if score == score else 0.0
         metrics = {
             "epoch": epoch,
+            "epochs_done": epoch + 1,  # a sweep scheduler's clock: stays right across resumes
             "global_step": state["global_step"],
             "train/loss_epoch": torch.stack(losses).mean().item() if losses else float("nan"),
             **val,
@@ -579,7 +580,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         if getattr(text_encoder, "cache_rows", 0):  # frozen text encoder: rows served from its output cache
             seen = text_encoder.cache_hits + text_encoder.cache_misses
             metrics["perf/text_cache_hit_fraction"] = text_encoder.cache_hits / max(1, seen)
-        sink.log({k: v for k, v in metrics.items() if k not in ("epoch", "global_step")}, state["global_step"])
+        sink.log({k: v for k, v in metrics.items() if k not in ("epoch", "epochs_done", "global_step")}, state["global_step"])
         if rank == 0:
             print(f"[medfuse] epoch {epoch + 1}/{cfg.train.epochs}  step {state['global_step']}  "
                   f"loss {metrics['train/loss_epoch']:.4f}  {objective.score_key} {score:.3f}"

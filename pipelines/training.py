@@ -17,6 +17,7 @@ import json
 import logging
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from medfuse_core.config import ConfigError, flatten
@@ -87,14 +88,34 @@ def check_image_size(cfg, summary: dict) -> None:
                     cfg.name, stored, cfg.data.image_size)
 
 
+@dataclass
+class RunContext:
+    """Where a run is tracked when it is part of something larger (a sweep trial).
+
+    ``store_dir``: the workdir whose MLflow store to use (default: the run's own workdir);
+    ``run_id``: continue this MLflow run; ``run_name``/``tags`` name and tag a new run (e.g.
+    ``mlflow.parentRunId``); ``register``: register the best model; ``train_run_name``: a stable
+    Ray Train run name; ``callbacks``: Ray Train callbacks (e.g. Tune's ``TuneReportCallback``).
+    """
+
+    store_dir: Path | None = None
+    run_id: str | None = None
+    run_name: str | None = None
+    tags: dict = field(default_factory=dict)
+    register: bool = True
+    train_run_name: str | None = None
+    callbacks: list = field(default_factory=list)
+
+
 def run_training(stage: str, cfg, data_dir: str | Path, workdir: str | Path, *, summary: dict, datasets_fn,
                  n_train: int, n_val: int, loop_extra: dict | None = None, params_extra: dict | None = None,
-                 tags: dict | None = None, facts_extra: dict | None = None) -> dict:
+                 tags: dict | None = None, facts_extra: dict | None = None,
+                 context: RunContext | None = None) -> dict:
     """Train (or resume) one stage with the shared loop; log and register the best model.
 
     ``datasets_fn()`` returns the Ray datasets (``train``, ``validate``); ``loop_extra`` reaches
     the workers; ``params_extra``/``tags`` are logged on a new MLflow run; ``facts_extra`` is
-    stored in ``W/<stage>.json``. Returns the run facts.
+    stored in ``W/<stage>.json``; ``context`` places the run inside a sweep. Returns the run facts.
     """
     from ray.train import CheckpointConfig, DataConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -123,14 +144,18 @@ def run_training(stage: str, cfg, data_dir: str | Path, workdir: str | Path, *, 
         if facts.get("data_digest") and facts["data_digest"] != summary["digest"]:
             raise SourceError("--data: this is not the dataset the run in --workdir trained on (its digest "
                               "differs); pass the original --data, or use a new workdir")
-    uri = tracking.tracking_uri(workdir)
-    tracking.setup(workdir, cfg.tracking.experiment)
-    run_id = facts.get("mlflow_run_id") if latest else None
+    ctx = context or RunContext()
+    store = Path(ctx.store_dir).resolve() if ctx.store_dir else workdir
+    uri = tracking.tracking_uri(store)
+    tracking.setup(store, cfg.tracking.experiment)
+    run_id = ctx.run_id or (facts.get("mlflow_run_id") if latest else None)
     score_attr = objective.score_key.replace("/", "_")
 
-    with mlflow.start_run(run_id=run_id, run_name=None if run_id else cfg.name) as active:
+    new_run = run_id is None
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else (ctx.run_name or cfg.name),
+                          tags=ctx.tags if new_run else None) as active:
         run_id = active.info.run_id
-        if not latest:
+        if new_run:
             tracking.log_params_flat({**flatten(cfg), **(params_extra or {})})
             mlflow.set_tags({"medfuse.stage": stage, "medfuse.experiment": cfg.name,
                              "medfuse.objective": cfg.objective.name, **(tags or {})})
@@ -164,8 +189,9 @@ def run_training(stage: str, cfg, data_dir: str | Path, workdir: str | Path, *, 
                                              resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
                 torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
                 run_config=RunConfig(
-                    name=f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}",
+                    name=ctx.train_run_name or f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}",
                     storage_path=str(workdir / "ray"),
+                    callbacks=list(ctx.callbacks),
                     checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=score_attr,
                                                        checkpoint_score_order="max"),
                 ),
@@ -184,10 +210,11 @@ def run_training(stage: str, cfg, data_dir: str | Path, workdir: str | Path, *, 
         shutil.copytree(best_dir / BUNDLE_DIR, model_dir)
         best_name = f"best/{objective.score_key.split('/', 1)[-1]}"
         mlflow.log_metrics({best_name: best_state.get("score", float("nan")), "best/epoch": best_state["epoch"]})
-        info = tracking.log_model(model_dir, cfg.tracking.registered_model)
+        registered = cfg.tracking.registered_model if ctx.register else None
+        info = tracking.log_model(model_dir, registered)
         facts.update({"best_epoch": best_state["epoch"], "best_score": best_state.get("score"),
                       "score_key": objective.score_key, "model_dir": str(model_dir), "model_uri": info.model_uri,
-                      "registered_model": cfg.tracking.registered_model})
+                      "registered_model": registered})
         if stage == "finetune":
             facts["best_val_auroc_macro"] = best_state.get("score")
         facts_path.write_text(json.dumps(facts, indent=2))

@@ -1,0 +1,290 @@
+"""``medfuse sweep``: Ray Tune over any experiment key, each trial a full Ray Train + DeepSpeed run.
+
+Every trial is a Tune function trainable that builds the stage's config from the base
+experiment plus its drawn values and calls the stage's ``run`` (the shared driver in
+:mod:`pipelines.training`) with a :class:`~pipelines.training.RunContext`: its own workdir
+``W/trials/<trial_id>``, a stable Ray Train run name, Tune's ``TuneReportCallback`` (per-epoch
+validation metrics reach the scheduler) and a child MLflow run under the sweep's parent run.
+The trial itself reserves no CPU (its driver is idle while its Train workers run), so
+concurrency follows what each trial's workers ask for (``sweep.max_concurrent_trials``, by
+default as many as the cluster holds with a CPU per trial left for Ray Data's reads).
+
+Workdir layout::
+
+    W/sweep.json          the sweep's facts: parent MLflow run, results table, best trial
+    W/tune/               Tune's experiment state (``Tuner.restore`` picks it up)
+    W/trials/<trial_id>/  each trial's stage workdir (checkpoints, model bundle, <stage>.json)
+    W/mlflow.db, W/mlartifacts/   the MLflow store (unless MLFLOW_TRACKING_URI is set)
+
+Re-running the same command on the same workdir resumes: finished trials are kept, unfinished
+ones continue from their latest checkpoint in their own child run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+from medfuse_core.config import ConfigError, flatten
+from medfuse_core.registry import Registry
+from medfuse_core.sweep_config import Sweep, trial_raw, validate_stage
+
+log = logging.getLogger("medfuse")
+
+STATE_FILE = "sweep.json"
+TUNE_DIR = "tune"
+TRIALS_DIR = "trials"
+# CPUs left free per concurrent trial for its Ray Data read and decode tasks (trials that take
+# every CPU for their workers starve their own input pipelines)
+DATA_CPUS_PER_TRIAL = 1
+
+SCHEDULERS: Registry = Registry("trial scheduler")
+SEARCHERS: Registry = Registry("search algorithm")
+
+
+@SCHEDULERS.register("asha")
+def _asha(sweep: Sweep, metric: str):
+    """Asynchronous successive halving on ``epochs_done``: trials below the rung's top
+    ``1/reduction_factor`` stop and free their workers; survivors train all epochs."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    sc = sweep.config.sweep.scheduler
+    epochs = sweep.base.train.epochs
+    return ASHAScheduler(time_attr="epochs_done", metric=metric, mode=sweep.config.sweep.mode, max_t=epochs,
+                         grace_period=min(sc.grace_period, epochs), reduction_factor=sc.reduction_factor,
+                         stop_last_trials=False)
+
+
+@SCHEDULERS.register("fifo")
+def _fifo(sweep: Sweep, metric: str):
+    """Every trial trains to the end (comparisons that need full runs)."""
+    from ray.tune.schedulers import FIFOScheduler
+
+    return FIFOScheduler()
+
+
+@SEARCHERS.register("random")
+def _random(sweep: Sweep, metric: str):
+    """Random draws (and grid entries) from the space, seeded."""
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=sweep.config.sweep.searcher.seed)
+
+
+@SEARCHERS.register("optuna")
+def _optuna(sweep: Sweep, metric: str):
+    """Optuna's TPE sampler (``pip install -e ".[sweep]"``)."""
+    try:
+        from ray.tune.search.optuna import OptunaSearch
+
+        import optuna  # noqa: F401
+    except ImportError:
+        raise ConfigError("sweep.searcher.name: optuna is not installed; run `pip install -e \".[sweep]\"` "
+                          "or choose searcher random") from None
+    return OptunaSearch(metric=metric, mode=sweep.config.sweep.mode, seed=sweep.config.sweep.searcher.seed)
+
+
+def tune_metric(sweep: Sweep) -> str:
+    """The metric's name as Ray Train reports it (``val/auroc_macro`` -> ``val_auroc_macro``)."""
+    return sweep.config.sweep.metric.replace("/", "_")
+
+
+def check_sweep(sweep: Sweep) -> None:
+    """Refuse names and combinations the sweep cannot run; each error names the key."""
+    sw = sweep.config.sweep
+    for key, name, registry in (("sweep.scheduler.name", sw.scheduler.name, SCHEDULERS),
+                                ("sweep.searcher.name", sw.searcher.name, SEARCHERS)):
+        if name not in registry:
+            raise ConfigError(f"{key}: unknown {registry.kind} {name!r}; choose one of {registry.names()}")
+    grids = [k for k, e in sw.space.items() if e.kind == "grid"]
+    if grids and sw.searcher.name != "random":
+        raise ConfigError(f"sweep.space.{grids[0]}: grid entries need searcher random "
+                          f"(sweep.searcher.name={sw.searcher.name} draws its own points); use choice")
+    from medfuse_core.objectives import OBJECTIVES
+
+    objective = OBJECTIVES.get(sweep.base.objective.name)
+    reported = {objective.score_key, "val/loss", "train/loss_epoch"} | set(getattr(objective, "val_keys", ()))
+    if not sw.metric.startswith("val/") and sw.metric not in reported:
+        raise ConfigError(f"sweep.metric: {sw.metric!r} is not reported per epoch; use a validation metric such "
+                          f"as {objective.score_key!r}")
+
+
+def param_space(sweep: Sweep) -> dict:
+    """The Tune search space: one domain per swept dotted key."""
+    from ray import tune
+
+    make = {"choice": tune.choice, "grid": tune.grid_search, "uniform": lambda a: tune.uniform(*a),
+            "loguniform": lambda a: tune.loguniform(*a), "randint": lambda a: tune.randint(*a)}
+    return {key: make[e.kind](e.args) for key, e in sweep.config.sweep.space.items()}
+
+
+def concurrency(sweep: Sweep, cluster: dict) -> int:
+    """Trials at once: what the cluster holds of each trial's workers plus its data CPUs."""
+    asked = sweep.config.sweep.max_concurrent_trials
+    if asked:
+        return asked
+    s = sweep.base.scaling
+    per_trial_cpu = s.num_workers * s.cpus_per_worker + DATA_CPUS_PER_TRIAL
+    n = int(cluster.get("CPU", 0) // per_trial_cpu)
+    if s.use_gpu:
+        n = min(n, int(cluster.get("GPU", 0) // s.num_workers))
+    return max(1, n)
+
+
+def _trial_name(trial) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+def run_trial(params: dict, ctx: dict) -> None:
+    """One Tune trial: the stage's training run with the drawn values, reporting to Tune."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from pipelines import sweep_tracking
+    from pipelines.runtime import quiet_third_party
+    from pipelines.training import RunContext
+
+    quiet_third_party()
+    trial_id = tune.get_context().get_trial_id()
+    cfg = validate_stage(trial_raw(ctx["base_raw"], params), ctx["stage"], f"trial {trial_id}")
+    store = Path(ctx["workdir"])
+    child = sweep_tracking.find_child(store, cfg.tracking.experiment, ctx["parent_run_id"], trial_id)
+    context = RunContext(
+        store_dir=store, run_id=child, run_name=f"{ctx['name']}-{trial_id}",
+        tags=sweep_tracking.child_tags(ctx["parent_run_id"], ctx["name"], trial_id, params),
+        register=False, train_run_name=f"trial-{trial_id}", callbacks=[TuneReportCallback()])
+    stage = _stage_module(ctx["stage"])
+    stage.run(cfg, ctx["data_dir"], store / TRIALS_DIR / trial_id, context=context)
+
+
+def _stage_module(stage: str):
+    from pipelines import finetune, pretrain
+
+    return {"finetune": finetune, "pretrain": pretrain}[stage]
+
+
+def _check_data(sweep: Sweep, data_dir: Path) -> None:
+    from pipelines.ingest import load_summary
+
+    summary = load_summary(data_dir)
+    if sweep.stage == "finetune":
+        _stage_module("finetune").check_data(sweep.base, summary, data_dir)
+    else:
+        _stage_module("pretrain").check_data(sweep.base, summary)
+
+
+def _facts_config(sweep: Sweep) -> dict:
+    return {"sweep": sweep.config.model_dump(), "base": sweep.base.model_dump()}
+
+
+def _changed(previous: dict, current: dict) -> list[str]:
+    old, new = flatten(previous), flatten(current)
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+
+def run(sweep: Sweep, data_dir: str | Path, workdir: str | Path) -> dict:
+    """Run (or resume) a sweep; log the parent run, its table and plots; register the best
+    trial's model under ``sweep.alias``. Returns the sweep facts (``W/sweep.json``)."""
+    import ray
+    from ray import tune
+
+    from pipelines import sweep_tracking
+    from pipelines.runtime import init_ray
+
+    check_sweep(sweep)
+    data_dir, workdir = Path(data_dir).resolve(), Path(workdir).resolve()
+    _check_data(sweep, data_dir)
+    facts_path = workdir / STATE_FILE
+    facts = json.loads(facts_path.read_text()) if facts_path.exists() else {}
+    if facts.get("config"):
+        changed = _changed(facts["config"], _facts_config(sweep))
+        if changed:
+            raise ConfigError(f"--workdir: resuming a sweep run with other settings ({', '.join(changed[:6])}); "
+                              "use a new workdir, or the original values")
+    for other in ("finetune.json", "pretrain.json"):
+        if (workdir / other).exists():
+            raise ConfigError(f"--workdir: {workdir} holds a {other.split('.')[0]} run; give the sweep its own workdir")
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    init_ray()
+    metric = tune_metric(sweep)
+    parent = sweep_tracking.open_parent(workdir, sweep, facts.get("parent_run_id"))
+    facts.update({"name": sweep.config.name, "stage": sweep.stage, "parent_run_id": parent,
+                  "experiment": sweep.base.tracking.experiment, "data_dir": str(data_dir),
+                  "config": _facts_config(sweep), "tune_path": str(workdir / TUNE_DIR)})
+    facts_path.write_text(json.dumps(facts, indent=2))
+
+    ctx = {"base_raw": sweep.base_raw, "stage": sweep.stage, "workdir": str(workdir), "data_dir": str(data_dir),
+           "parent_run_id": parent, "name": sweep.config.name}
+    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"CPU": 0})
+    path = str(workdir / TUNE_DIR)
+    if tune.Tuner.can_restore(path):
+        log.info("sweep: resuming the sweep in %s", path)
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False)
+    else:
+        n_at_once = concurrency(sweep, ray.cluster_resources())
+        log.info("sweep: %d trials, %d at a time, %s scheduler, %s search on %s", sweep.config.sweep.num_samples,
+                 n_at_once, sweep.config.sweep.scheduler.name, sweep.config.sweep.searcher.name, sweep.config.sweep.metric)
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space(sweep),
+            tune_config=tune.TuneConfig(
+                metric=metric, mode=sweep.config.sweep.mode, num_samples=sweep.config.sweep.num_samples,
+                max_concurrent_trials=n_at_once,
+                scheduler=SCHEDULERS.get(sweep.config.sweep.scheduler.name)(sweep, metric),
+                search_alg=SEARCHERS.get(sweep.config.sweep.searcher.name)(sweep, metric),
+                trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
+            run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(workdir), verbose=1),
+        )
+    grid = tuner.fit()
+    rows = collect_rows(grid, sweep, workdir)
+    summary = sweep_tracking.finish(workdir, sweep, parent, rows)
+    facts.update(summary)
+    facts_path.write_text(json.dumps(facts, indent=2, default=str))
+    return facts
+
+
+def _history(result, metric: str) -> list[tuple[int, float]]:
+    """(epochs_done, metric) per epoch of a trial, the last report of an epoch winning (a resumed
+    trial may report an epoch twice)."""
+    df = result.metrics_dataframe
+    if df is None or metric not in df or "epochs_done" not in df:
+        return []
+    curve = {}
+    for epochs_done, value in zip(df["epochs_done"], df[metric]):
+        if epochs_done == epochs_done and value == value:
+            curve[int(epochs_done)] = float(value)
+    return sorted(curve.items())
+
+
+def collect_rows(grid, sweep: Sweep, workdir: Path) -> list[dict]:
+    """One row per trial: id, status, drawn values, epochs done, last and best metric, its model."""
+    metric = tune_metric(sweep)
+    better = max if sweep.config.sweep.mode == "max" else min
+    epochs = sweep.base.train.epochs
+    rows = []
+    for result in grid:
+        trial_id = Path(result.path).name.removeprefix("trial_")
+        facts_file = workdir / TRIALS_DIR / trial_id / f"{sweep.stage}.json"
+        trial_facts = json.loads(facts_file.read_text()) if facts_file.exists() else {}
+        curve = _history(result, metric)
+        done = curve[-1][0] if curve else 0
+        if result.error is not None:
+            status = "errored"
+        elif trial_facts.get("model_uri"):
+            status = "completed"
+        else:
+            status = "stopped" if done < epochs else "completed"
+        values = [v for _, v in curve]
+        rows.append({
+            "trial_id": trial_id, "status": status,
+            "params": {k: result.config.get(k) for k in sweep.config.sweep.space},
+            "epochs_done": done, "curve": curve,
+            "metric_last": values[-1] if values else math.nan,
+            "metric_best": better(values) if values else math.nan,
+            "mlflow_run_id": trial_facts.get("mlflow_run_id"), "model_uri": trial_facts.get("model_uri"),
+            "error": type(result.error).__name__ if result.error is not None else None,
+        })
+    return sorted(rows, key=lambda r: r["trial_id"])

@@ -1,0 +1,102 @@
+"""Sweep files: loading, the search space checked against the stage's schema, overrides, and
+the Tune objects built from them (no cluster needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from medfuse_core.config import ConfigError
+from medfuse_core.sweep_config import load_sweep, trial_raw, validate_stage
+from pipelines import sweep as sweep_mod
+
+REPO = Path(__file__).resolve().parents[1]
+CPU_SWEEP = REPO / "experiments" / "sweep_fusion_cpu.yaml"
+
+
+def test_shipped_sweeps_load_and_cover_the_fusion_modules():
+    for name in ("sweep_fusion_cpu.yaml", "sweep_fusion_gpu.yaml", "compare_fusion_cpu.yaml"):
+        plan = load_sweep(REPO / "experiments" / name)
+        space = plan.config.sweep.space
+        assert set(space["model.fusion.name"].args) == {"concat", "gated", "cross_attention", "co_attention"}
+        assert plan.config.sweep.metric == "val/auroc_macro"
+    cpu = load_sweep(CPU_SWEEP)
+    assert cpu.config.sweep.num_samples >= 8 and cpu.config.sweep.scheduler.name == "asha"
+    assert cpu.base.train.epochs == 4  # the sweep file's fixed override over the base experiment
+    for key in ("train.lr", "model.fusion.dim", "model.text.trainable_layers", "data.uncertain_policy",
+                "data.blank_policy"):
+        assert key in cpu.config.sweep.space
+
+
+def test_overrides_set_the_base_or_the_sweep_and_never_a_swept_key():
+    plan = load_sweep(CPU_SWEEP, ["train.epochs=2", "sweep.num_samples=3", "sweep.scheduler.name=fifo",
+                                  "sweep.space.train.lr={choice: [0.001, 0.002]}", "sweep.space.data.blank_policy=null"])
+    assert plan.base.train.epochs == 2 and plan.config.sweep.num_samples == 3
+    assert plan.config.sweep.scheduler.name == "fifo"
+    assert plan.config.sweep.space["train.lr"].kind == "choice"
+    assert "data.blank_policy" not in plan.config.sweep.space
+    with pytest.raises(ConfigError, match=r"train\.lr: is swept"):
+        load_sweep(CPU_SWEEP, ["train.lr=0.01"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("sweep.space.train.bogus={choice: [1]}", r"sweep\.space\.train\.bogus: not a key"),
+    ("sweep.space.model.fusion.name={choice: [concat, nope]}", r"sweep\.space\.model\.fusion\.name: value 'nope'"),
+    ("sweep.space.train.lr={loguniform: [-1, 0.1]}", r"loguniform: low"),
+    ("sweep.space.train.lr={uniform: [0.1, 0.01]}", r"must be below high"),
+    ("sweep.space.train.lr={uniform: [0.0, 0.01]}", r"sweep\.space\.train\.lr: value 0\.0 is not valid: train\.lr"),
+    ("sweep.space.model.fusion.dim={randint: [7, 9]}", r"sweep\.space\.model\.fusion\.dim: value 7"),
+    ("sweep.space.train.lr={choice: [0.1], uniform: [0.1, 0.2]}", r"exactly one of"),
+    ("sweep.space.tracking.experiment={choice: [a, b]}", r"cannot be swept"),
+    ("sweep.num_samples=0", r"sweep\.num_samples"),
+    ("sweep.bogus=1", r"sweep\.bogus: unknown key"),
+])
+def test_bad_spaces_fail_at_load_naming_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_sweep(CPU_SWEEP, [override])
+
+
+def test_missing_base_and_file_are_named(tmp_path):
+    (tmp_path / "s.yaml").write_text("base: nowhere.yaml\nsweep: {space: {train.lr: {choice: [0.1]}}}\n")
+    with pytest.raises(ConfigError, match="base: 'nowhere.yaml' not found"):
+        load_sweep(tmp_path / "s.yaml")
+    with pytest.raises(ConfigError, match="not found"):
+        load_sweep(tmp_path / "missing.yaml")
+
+
+def test_names_and_combinations_are_checked_before_anything_runs():
+    with pytest.raises(ConfigError, match=r"sweep\.scheduler\.name: unknown trial scheduler 'hyperband'"):
+        sweep_mod.check_sweep(load_sweep(CPU_SWEEP, ["sweep.scheduler.name=hyperband"]))
+    with pytest.raises(ConfigError, match=r"sweep\.searcher\.name: unknown search algorithm"):
+        sweep_mod.check_sweep(load_sweep(CPU_SWEEP, ["sweep.searcher.name=grid"]))
+    compare = REPO / "experiments" / "compare_fusion_cpu.yaml"
+    with pytest.raises(ConfigError, match="grid entries need searcher random"):
+        sweep_mod.check_sweep(load_sweep(compare, ["sweep.searcher.name=optuna"]))
+    sweep_mod.check_sweep(load_sweep(compare))
+
+
+def test_trial_config_is_the_base_with_the_drawn_values():
+    plan = load_sweep(CPU_SWEEP)
+    cfg = validate_stage(trial_raw(plan.base_raw, {"model.fusion.name": "concat", "train.lr": 0.002}),
+                         "finetune", "trial")
+    assert cfg.model.fusion.name == "concat" and cfg.train.lr == 0.002
+    assert cfg.train.epochs == plan.base.train.epochs and cfg.model.text.frozen_cache_rows == 2048
+    assert plan.base_raw["model"]["fusion"]["name"] == "gated"  # the base is not changed
+
+
+def test_tune_space_scheduler_and_concurrency():
+    from ray import tune
+
+    plan = load_sweep(CPU_SWEEP)
+    space = sweep_mod.param_space(plan)
+    assert isinstance(space["train.lr"], tune.search.sample.Float)
+    assert sorted(space["model.fusion.name"].categories) == ["co_attention", "concat", "cross_attention", "gated"]
+    asha = sweep_mod.SCHEDULERS.get("asha")(plan, sweep_mod.tune_metric(plan))
+    assert asha._time_attr == "epochs_done" and asha._max_t == plan.base.train.epochs
+    # 2 workers x 0.5 CPU + 1 CPU for the trial's reads: one trial on 2 CPUs, four on 8
+    assert sweep_mod.concurrency(plan, {"CPU": 2.0}) == 1
+    assert sweep_mod.concurrency(plan, {"CPU": 8.0}) == 4
+    gpu = load_sweep(REPO / "experiments" / "sweep_fusion_gpu.yaml")
+    assert sweep_mod.concurrency(gpu, {"CPU": 128.0, "GPU": 16.0}) == 2  # 8 GPUs a trial
+    assert sweep_mod.concurrency(load_sweep(CPU_SWEEP, ["sweep.max_concurrent_trials=3"]), {"CPU": 2.0}) == 3
