@@ -5,7 +5,8 @@ experiment plus its drawn values and calls the stage's ``run`` (the shared drive
 :mod:`pipelines.training`) with a :class:`~pipelines.training.RunContext`: its own workdir
 ``W/trials/<trial_id>``, a stable Ray Train run name, Tune's ``TuneReportCallback`` (per-epoch
 validation metrics reach the scheduler) and a child MLflow run under the sweep's parent run.
-The trial itself reserves no CPU (its driver is idle while its Train workers run), so
+The trial itself reserves no CPU (its driver is idle while its Train workers run; it reserves
+a little memory), so
 concurrency follows what each trial's workers ask for (``sweep.max_concurrent_trials``, by
 default as many as the cluster holds with a CPU per trial left for Ray Data's reads).
 
@@ -39,6 +40,9 @@ TRIALS_DIR = "trials"
 # CPUs left free per concurrent trial for its Ray Data read and decode tasks (trials that take
 # every CPU for their workers starve their own input pipelines)
 DATA_CPUS_PER_TRIAL = 1
+# what a trial itself reserves: memory for its driver process, no CPU (it waits on its workers;
+# Tune refuses an empty request, and a CPU share would leave Ray Data's 1-CPU read tasks no room)
+TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 256 * 1024 ** 2}
 
 SCHEDULERS: Registry = Registry("trial scheduler")
 SEARCHERS: Registry = Registry("search algorithm")
@@ -52,7 +56,7 @@ def _asha(sweep: Sweep, metric: str):
 
     sc = sweep.config.sweep.scheduler
     epochs = sweep.base.train.epochs
-    return ASHAScheduler(time_attr="epochs_done", metric=metric, mode=sweep.config.sweep.mode, max_t=epochs,
+    return ASHAScheduler(time_attr="epochs_done", max_t=epochs,  # metric, mode: from the TuneConfig
                          grace_period=min(sc.grace_period, epochs), reduction_factor=sc.reduction_factor,
                          stop_last_trials=False)
 
@@ -66,15 +70,16 @@ def _fifo(sweep: Sweep, metric: str):
 
 
 @SEARCHERS.register("random")
-def _random(sweep: Sweep, metric: str):
+def _random(sweep: Sweep, metric: str, max_concurrent: int):
     """Random draws (and grid entries) from the space, seeded."""
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    return BasicVariantGenerator(random_state=sweep.config.sweep.searcher.seed)
+    # Tune applies max_concurrent_trials only to Searchers: this generator takes it itself
+    return BasicVariantGenerator(random_state=sweep.config.sweep.searcher.seed, max_concurrent=max_concurrent)
 
 
 @SEARCHERS.register("optuna")
-def _optuna(sweep: Sweep, metric: str):
+def _optuna(sweep: Sweep, metric: str, max_concurrent: int):
     """Optuna's TPE sampler (``pip install -e ".[sweep]"``)."""
     try:
         from ray.tune.search.optuna import OptunaSearch
@@ -83,7 +88,10 @@ def _optuna(sweep: Sweep, metric: str):
     except ImportError:
         raise ConfigError("sweep.searcher.name: optuna is not installed; run `pip install -e \".[sweep]\"` "
                           "or choose searcher random") from None
-    return OptunaSearch(metric=metric, mode=sweep.config.sweep.mode, seed=sweep.config.sweep.searcher.seed)
+    from ray.tune.search import ConcurrencyLimiter
+
+    # metric, mode: from the TuneConfig
+    return ConcurrencyLimiter(OptunaSearch(seed=sweep.config.sweep.searcher.seed), max_concurrent=max_concurrent)
 
 
 def tune_metric(sweep: Sweep) -> str:
@@ -218,7 +226,7 @@ def run(sweep: Sweep, data_dir: str | Path, workdir: str | Path) -> dict:
 
     ctx = {"base_raw": sweep.base_raw, "stage": sweep.stage, "workdir": str(workdir), "data_dir": str(data_dir),
            "parent_run_id": parent, "name": sweep.config.name}
-    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"CPU": 0})
+    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), TRIAL_DRIVER_RESOURCES)
     path = str(workdir / TUNE_DIR)
     if tune.Tuner.can_restore(path):
         log.info("sweep: resuming the sweep in %s", path)
@@ -232,9 +240,8 @@ def run(sweep: Sweep, data_dir: str | Path, workdir: str | Path) -> dict:
             param_space=param_space(sweep),
             tune_config=tune.TuneConfig(
                 metric=metric, mode=sweep.config.sweep.mode, num_samples=sweep.config.sweep.num_samples,
-                max_concurrent_trials=n_at_once,
                 scheduler=SCHEDULERS.get(sweep.config.sweep.scheduler.name)(sweep, metric),
-                search_alg=SEARCHERS.get(sweep.config.sweep.searcher.name)(sweep, metric),
+                search_alg=SEARCHERS.get(sweep.config.sweep.searcher.name)(sweep, metric, n_at_once),
                 trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
             run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(workdir), verbose=1),
         )

@@ -69,8 +69,8 @@ def _mark_children(rows: list[dict]) -> None:
         if not row.get("mlflow_run_id"):
             continue
         client.set_tag(row["mlflow_run_id"], STATUS_TAG, row["status"])
-        run = client.get_run(row["mlflow_run_id"])
-        if run.info.status == "RUNNING":  # a stopped trial's process was ended mid-run
+        # a trial the scheduler stopped was interrupted mid-run (its run reads RUNNING or FAILED)
+        if client.get_run(row["mlflow_run_id"]).info.status != RUN_STATUS[row["status"]]:
             client.set_terminated(row["mlflow_run_id"], RUN_STATUS[row["status"]])
 
 

@@ -140,15 +140,15 @@ def test_a_killed_sweep_resumes_with_the_same_command(tiny_data, tmp_path):
     cmd = [sys.executable, "-m", "pipelines.cli", "sweep", "--config", str(path), "--data", str(tiny_data),
            "--workdir", str(workdir)]
     env = {**os.environ, "MEDFUSE_PROGRESS": "0", "RAY_ADDRESS": ""}
-    log = open(tmp_path / "first.log", "w")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    with open(tmp_path / "first.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def finished_trials():
         return [p for p in (workdir / "trials").glob("*/finetune.json") if json.loads(p.read_text()).get("model_uri")]
 
     def mid_trial():  # one trial done, another with a checkpoint but not done
         done = {p.parent.name for p in finished_trials()}
-        started = {p.parents[2].name for p in (workdir / "trials").glob("*/ray/trial-*/checkpoint_*/train_state.json")}
+        started = {p.parents[3].name for p in (workdir / "trials").glob("*/ray/trial-*/checkpoint_*/train_state.json")}
         return len(done) == 1 and bool(started - done)
 
     try:

@@ -100,3 +100,6 @@ def test_tune_space_scheduler_and_concurrency():
     gpu = load_sweep(REPO / "experiments" / "sweep_fusion_gpu.yaml")
     assert sweep_mod.concurrency(gpu, {"CPU": 128.0, "GPU": 16.0}) == 2  # 8 GPUs a trial
     assert sweep_mod.concurrency(load_sweep(CPU_SWEEP, ["sweep.max_concurrent_trials=3"]), {"CPU": 2.0}) == 3
+    # the limit reaches the search algorithm itself (Tune ignores max_concurrent_trials for a generator)
+    assert sweep_mod.SEARCHERS.get("random")(plan, "val_auroc_macro", 1).max_concurrent == 1
+    assert sweep_mod.SEARCHERS.get("optuna")(plan, "val_auroc_macro", 2).max_concurrent == 2
