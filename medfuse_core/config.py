@@ -196,6 +196,9 @@ class ObjectiveConfig(_Section):
     name: str
     # contrastive objectives: the starting temperature (None: the objective's default)
     init_temperature: Optional[float] = Field(None, gt=0.0)
+    # contrastive objectives: rows whose paired texts are identical (common normal reports) are
+    # not each other's negatives; False scores them as negatives, as plain CLIP does
+    mask_duplicate_texts: bool = True
 
 
 class FinetuneConfig(_Section):

@@ -33,3 +33,31 @@ def test_sample_sentences_draws_one_sentence_each_and_is_seeded():
     assert a[0] in report_sentences(texts[0]) and a[1] == "" and a[2] == "One finding only."
     seen = {sample_sentences(texts[:1], torch.Generator().manual_seed(s))[0] for s in range(40)}
     assert seen == set(report_sentences(texts[0]))  # every sentence gets drawn
+
+
+def test_text_ids_match_for_identical_reports_only():
+    from medfuse_core.objectives.alignment import text_id
+
+    normal = "No acute cardiopulmonary process."
+    assert text_id(normal) == text_id("  no acute   cardiopulmonary process. ")  # case and spacing
+    assert text_id(normal) != text_id("Small left pleural effusion.")
+    assert -(2 ** 63) <= text_id(normal) < 2 ** 63  # fits the int64 tensor the loss gathers
+
+
+def test_pretrain_batches_carry_text_ids_and_the_mask_is_on_by_default():
+    import numpy as np
+
+    from medfuse_core.config import PretrainConfig
+    from medfuse_core.models.text import load_tokenizer
+    from medfuse_core.objectives import build_objective
+
+    cfg = PretrainConfig.model_validate({"data": {"image_size": 16}, "model": {"text": {"max_tokens": 16}}})
+    assert cfg.objective.mask_duplicate_texts
+    objective = build_objective(cfg)
+    img = np.zeros((16, 16), np.uint16).tobytes()
+    rows = {"image": [img] * 3, "image_size": [16] * 3,
+            "report": [REPORT, REPORT, "FINDINGS: Small right effusion."]}
+    batch = objective.make_batch(rows, load_tokenizer(cfg.model.text.name_or_path), train=True,
+                                 generator=torch.Generator().manual_seed(0))
+    ids = batch["text_ids"].tolist()
+    assert batch["text_ids"].dtype == torch.int64 and ids[0] == ids[1] != ids[2]

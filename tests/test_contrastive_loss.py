@@ -24,6 +24,8 @@ WORLD = 2
 GLOBAL_BATCH = 8
 IN_IMG, IN_TXT, DIM = 6, 5, 4
 DTYPE = torch.float64  # exact maths: the comparison is about the scheme, not float32 rounding
+# text digests of the global batch: rows 0 and 3 share a report on rank 0, rows 1 and 5 across ranks
+TEXT_IDS = torch.tensor([10, 11, 12, 10, 13, 11, 14, 15], dtype=torch.int64)
 
 
 def _setup(kind: str):
@@ -41,11 +43,11 @@ def _setup(kind: str):
     return modules, x_img, x_txt
 
 
-def _loss_and_grads(kind: str, rows: slice) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _loss_and_grads(kind: str, rows: slice, dedup: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     modules, x_img, x_txt = _setup(kind)
     img = F.normalize(modules["img"](x_img[rows]), dim=-1)
     txt = F.normalize(modules["txt"](x_txt[rows]), dim=-1)
-    loss = CONTRASTIVE_LOSSES[kind](img, txt, modules["scale"])
+    loss = CONTRASTIVE_LOSSES[kind](img, txt, modules["scale"], TEXT_IDS[rows] if dedup else None)
     loss.backward()
     return loss.detach(), {n: p.grad for n, p in modules.named_parameters()}
 
@@ -60,11 +62,12 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         rows = slice(rank * local, (rank + 1) * local)
         results = {}
         for kind in CONTRASTIVE_LOSSES:
-            loss, grads = _loss_and_grads(kind, rows)
-            for grad in grads.values():  # what DDP / DeepSpeed do: average gradients over ranks
-                torch.distributed.all_reduce(grad)
-                grad /= WORLD
-            results[kind] = {"loss": loss, "grads": grads}
+            for dedup in (False, True):
+                loss, grads = _loss_and_grads(kind, rows, dedup)
+                for grad in grads.values():  # what DDP / DeepSpeed do: average gradients over ranks
+                    torch.distributed.all_reduce(grad)
+                    grad /= WORLD
+                results[(kind, dedup)] = {"loss": loss, "grads": grads}
         probe = torch.full((local, 3), float(rank))
         results["gathered"] = gather_features(probe)
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
@@ -96,15 +99,16 @@ def distributed_results(tmp_path_factory) -> list[dict]:
     return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
 
 
+@pytest.mark.parametrize("dedup", [False, True], ids=["plain", "duplicate-texts-masked"])
 @pytest.mark.parametrize("kind", sorted(CONTRASTIVE_LOSSES))
-def test_two_ranks_match_single_process(kind, distributed_results):
-    ref_loss, ref_grads = _loss_and_grads(kind, slice(None))
-    losses = torch.stack([r[kind]["loss"] for r in distributed_results])
+def test_two_ranks_match_single_process(kind, dedup, distributed_results):
+    ref_loss, ref_grads = _loss_and_grads(kind, slice(None), dedup)
+    losses = torch.stack([r[(kind, dedup)]["loss"] for r in distributed_results])
     torch.testing.assert_close(losses.mean(), ref_loss, rtol=1e-9, atol=1e-9)
     # the local losses differ from each other (otherwise the check above would be trivially true)
     assert not torch.allclose(losses[0], losses[1])
     for rank_result in distributed_results:
-        grads = rank_result[kind]["grads"]
+        grads = rank_result[(kind, dedup)]["grads"]
         assert grads.keys() == ref_grads.keys()
         for name, ref in ref_grads.items():
             assert ref.abs().sum() > 0, name
@@ -168,3 +172,36 @@ def test_siglip_loss_matches_pairwise_definition():
             s = scale * (img[i] @ txt[j]) + bias
             expected -= torch.log(torch.sigmoid(z * s))
     torch.testing.assert_close(siglip_loss(img, txt, scale, bias), expected / 5)
+
+
+@pytest.mark.parametrize("kind", sorted(CONTRASTIVE_LOSSES))
+def test_identical_texts_are_not_each_others_negatives(kind, distributed_results):
+    # masking removes negative terms, so the loss drops, on both ranks (the rank-1 row 5 shares its
+    # text with rank 0's row 1); SigLIP's -10 bias makes its negatives' terms small, not zero
+    for r in distributed_results:
+        assert r[(kind, True)]["loss"] < r[(kind, False)]["loss"]
+    # and equals the plain loss with those logits removed by hand (single process)
+    g = torch.Generator().manual_seed(3)
+    img = F.normalize(torch.randn(4, 3, generator=g, dtype=DTYPE), dim=-1)
+    txt = F.normalize(torch.randn(4, 3, generator=g, dtype=DTYPE), dim=-1)
+    ids = torch.tensor([7, 8, 7, 9])  # rows 0 and 2 share a report
+    scale = torch.tensor(5.0, dtype=DTYPE)
+    logits = scale * img @ txt.T
+    keep = ~((ids[:, None] == ids[None, :]) & ~torch.eye(4, dtype=torch.bool))
+    if kind == "infonce":
+        def ce(lg):
+            return torch.stack([-(lg[i, i] - torch.logsumexp(lg[i][keep[i]], 0)) for i in range(4)]).mean()
+        expected = 0.5 * (ce(logits) + ce(logits.T))
+        got = infonce_loss(img, txt, scale, ids)
+    else:
+        bias = torch.tensor(-1.0, dtype=DTYPE)
+        z = 2 * torch.eye(4, dtype=DTYPE) - 1
+        expected = -(F.logsigmoid(z * (logits + bias)) * keep).sum() / 4
+        got = siglip_loss(img, txt, scale, bias, ids)
+    torch.testing.assert_close(got, expected)
+    # no duplicates: the same as no ids at all
+    distinct = torch.arange(4)
+    plain = infonce_loss(img, txt, scale) if kind == "infonce" else siglip_loss(img, txt, scale, torch.tensor(-1.0, dtype=DTYPE))
+    masked = (infonce_loss(img, txt, scale, distinct) if kind == "infonce"
+              else siglip_loss(img, txt, scale, torch.tensor(-1.0, dtype=DTYPE), distinct))
+    torch.testing.assert_close(masked, plain)

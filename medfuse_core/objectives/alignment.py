@@ -51,6 +51,12 @@ def text_key(text: str) -> str:
     return hashlib.sha1(" ".join(text.lower().split()).encode()).hexdigest()
 
 
+def text_id(text: str) -> int:
+    """A signed 64-bit digest of the normalised text (equal texts, equal ids): the loss's duplicate test."""
+    return int.from_bytes(hashlib.blake2b(" ".join(text.lower().split()).encode(), digest_size=8).digest(),
+                          "little", signed=True)
+
+
 class AlignmentObjective(Objective):
     """Shared by the contrastive losses; subclasses name the loss."""
 
@@ -83,7 +89,8 @@ class AlignmentObjective(Objective):
         if train and d.text_sampling == "sentence":
             texts = sample_sentences(texts, generator)
         enc = tokenize(tokenizer, texts, self.cfg.model.text.max_tokens)
-        batch = {"images": images, "input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        batch = {"images": images, "input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                 "text_ids": torch.tensor([text_id(t) for t in texts], dtype=torch.int64)}
         if not train:
             raw = np.stack([np.asarray(v, dtype=np.float32) for v in rows["labels"]])[:, label_indices(d.labels)]
             y = evaluation_targets(raw, d.blank_policy)
@@ -93,12 +100,13 @@ class AlignmentObjective(Objective):
             batch["text_keys"] = [text_key(t) for t in texts]
         return batch
 
-    def _contrastive(self, out) -> torch.Tensor:
+    def _contrastive(self, out, text_ids) -> torch.Tensor:
         raise NotImplementedError
 
     def loss(self, model, batch):
         out = model(batch["images"], batch["input_ids"], batch["attention_mask"])
-        return self._contrastive(out)
+        ids = batch.get("text_ids") if self.cfg.objective.mask_duplicate_texts else None
+        return self._contrastive(out, None if ids is None else ids.to(out["image"].device))
 
     # -- validation
 
@@ -168,8 +176,8 @@ class InfoNCEObjective(AlignmentObjective):
 
     name = "infonce"
 
-    def _contrastive(self, out):
-        return infonce_loss(out["image"], out["text"], out["scale"])
+    def _contrastive(self, out, text_ids):
+        return infonce_loss(out["image"], out["text"], out["scale"], text_ids)
 
 
 @OBJECTIVES.register("siglip")
@@ -178,5 +186,5 @@ class SigLIPObjective(AlignmentObjective):
 
     name = "siglip"
 
-    def _contrastive(self, out):
-        return siglip_loss(out["image"], out["text"], out["scale"], out["bias"])
+    def _contrastive(self, out, text_ids):
+        return siglip_loss(out["image"], out["text"], out["scale"], out["bias"], text_ids)

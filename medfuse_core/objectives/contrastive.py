@@ -24,6 +24,7 @@ import torch.nn.functional as F
 __all__ = [
     "CONTRASTIVE_LOSSES",
     "LogitScale",
+    "duplicate_mask",
     "gather_features",
     "infonce_loss",
     "siglip_loss",
@@ -122,6 +123,31 @@ def gather_features(features: torch.Tensor) -> torch.Tensor:
     return _AllGatherWithGrad.apply(features)
 
 
+def _gather_ids(ids: torch.Tensor) -> torch.Tensor:
+    """All ranks' ``ids`` ``[B]`` concatenated in rank order (no gradient)."""
+    _, world = _rank_world()
+    if world == 1:
+        return ids
+    parts = [torch.empty_like(ids) for _ in range(world)]
+    dist.all_gather(parts, ids.contiguous())
+    return torch.cat(parts)
+
+
+def duplicate_mask(text_ids: torch.Tensor) -> torch.Tensor:
+    """``[B, world * B]`` True where a local row's text equals a gathered row's text other than its
+    own pair: an identical report ("No acute cardiopulmonary process.") is no negative.
+
+    ``text_ids``: this rank's ``[B]`` int64 digests of the paired texts; gathered across ranks.
+    Symmetric in use: image i vs text j and text i vs image j share the test ``id_i == id_j``.
+    """
+    rank, _ = _rank_world()
+    all_ids = _gather_ids(text_ids)
+    mask = text_ids[:, None] == all_ids[None, :]
+    local = text_ids.shape[0]
+    mask[torch.arange(local, device=mask.device), torch.arange(local, device=mask.device) + rank * local] = False
+    return mask
+
+
 def _check_pair(img: torch.Tensor, txt: torch.Tensor) -> None:
     if img.ndim != 2 or img.shape != txt.shape:
         raise ValueError(f"expected image and text features of equal shape [B, D], got {tuple(img.shape)} and {tuple(txt.shape)}")
@@ -131,13 +157,16 @@ def _compute_dtype(img: torch.Tensor) -> torch.dtype:
     return torch.promote_types(img.dtype, torch.float32)
 
 
-def infonce_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+def infonce_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
+                 text_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Symmetric InfoNCE (CLIP): ``0.5 * (CE(image -> text) + CE(text -> image))``.
 
     ``img``, ``txt``: this rank's L2-normalised features ``[B, D]`` (row i of each is a pair);
     ``logit_scale``: the scalar ``1 / T``. Local images are scored against all gathered texts and
     local texts against all gathered images; the positives sit at ``arange(B) + rank * B``. Each
     cross-entropy is the mean over the local rows, so the mean over ranks is the global-batch loss.
+    ``text_ids`` (``[B]`` int64 digests of the texts): pairs whose texts are identical are left out
+    of each other's negatives (:func:`duplicate_mask`).
     """
     _check_pair(img, txt)
     rank, _ = _rank_world()
@@ -147,11 +176,16 @@ def infonce_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor
     scale = logit_scale.to(dtype)
     logits_i2t = scale * img @ all_txt.T
     logits_t2i = scale * txt @ all_img.T
+    if text_ids is not None:
+        mask = duplicate_mask(text_ids)
+        logits_i2t = logits_i2t.masked_fill(mask, float("-inf"))
+        logits_t2i = logits_t2i.masked_fill(mask, float("-inf"))
     targets = torch.arange(img.shape[0], device=img.device) + rank * img.shape[0]
     return 0.5 * (F.cross_entropy(logits_i2t, targets) + F.cross_entropy(logits_t2i, targets))
 
 
-def siglip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor) -> torch.Tensor:
+def siglip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor,
+                text_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Pairwise sigmoid loss (SigLIP), per image: ``-(1/B) sum_i sum_j log sigmoid(z_ij * s_ij)``.
 
     ``s_ij = logit_scale * <img_i, txt_j> + logit_bias``, ``z_ij = +1`` for the matching pair and
@@ -159,6 +193,7 @@ def siglip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
     gathered texts, and the sum is divided by the local ``B`` (the paper's normalisation). In one
     process that is the loss divided by the global batch size; over ``W`` ranks the mean of the
     ranks' losses is the same number, since every pair is counted on exactly one rank.
+    ``text_ids``: pairs of rows with identical texts (other than the positive) are left out.
     """
     _check_pair(img, txt)
     rank, _ = _rank_world()
@@ -170,20 +205,23 @@ def siglip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
     positives = torch.arange(local, device=img.device) + rank * local
     signs = torch.full_like(logits, -1.0)
     signs[torch.arange(local, device=img.device), positives] = 1.0
-    return -F.logsigmoid(signs * logits).sum() / local
+    terms = -F.logsigmoid(signs * logits)
+    if text_ids is not None:
+        terms = terms.masked_fill(duplicate_mask(text_ids), 0.0)
+    return terms.sum() / local
 
 
-def _infonce(img: torch.Tensor, txt: torch.Tensor, scale: LogitScale) -> torch.Tensor:
-    return infonce_loss(img, txt, scale())
+def _infonce(img: torch.Tensor, txt: torch.Tensor, scale: LogitScale, text_ids=None) -> torch.Tensor:
+    return infonce_loss(img, txt, scale(), text_ids)
 
 
-def _siglip(img: torch.Tensor, txt: torch.Tensor, scale: LogitScale) -> torch.Tensor:
+def _siglip(img: torch.Tensor, txt: torch.Tensor, scale: LogitScale, text_ids=None) -> torch.Tensor:
     if scale.bias is None:
         raise ValueError("siglip needs a LogitScale(kind='siglip') (one with a bias)")
-    return siglip_loss(img, txt, *scale(with_bias=True))
+    return siglip_loss(img, txt, *scale(with_bias=True), text_ids=text_ids)
 
 
-#: name -> ``fn(img, txt, scale: LogitScale) -> loss``, for local L2-normalised features.
+#: name -> ``fn(img, txt, scale: LogitScale, text_ids=None) -> loss``, for local L2-normalised features.
 CONTRASTIVE_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor, LogitScale], torch.Tensor]] = {
     "infonce": _infonce,
     "siglip": _siglip,
