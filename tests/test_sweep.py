@@ -76,6 +76,13 @@ def test_trials_run_and_asha_stops_the_weak_ones(asha_sweep):
     # each trial trained in its own workdir, with its own Ray Train run
     for t in trials:
         assert list((workdir / "trials" / t["trial_id"] / "ray").glob("trial-*/checkpoint_*"))
+    # stopped trials gave their workers back: the whole cluster is free again once the sweep ends
+    import ray
+
+    deadline = time.time() + 60
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.time() < deadline:
+        time.sleep(1)
+    assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]
 
 
 def test_parent_and_child_runs_in_mlflow_and_the_alias(asha_sweep):

@@ -103,3 +103,33 @@ def test_tune_space_scheduler_and_concurrency():
     # the limit reaches the search algorithm itself (Tune ignores max_concurrent_trials for a generator)
     assert sweep_mod.SEARCHERS.get("random")(plan, "val_auroc_macro", 1).max_concurrent == 1
     assert sweep_mod.SEARCHERS.get("optuna")(plan, "val_auroc_macro", 2).max_concurrent == 2
+
+
+def _rows():
+    rows = []
+    for i, (fusion, lr, status, curve) in enumerate([
+            ("gated", 1e-3, "completed", [(1, 0.6), (2, 0.7)]), ("concat", 3e-4, "stopped", [(1, 0.5)]),
+            ("co_attention", 2e-3, "completed", [(1, 0.55), (2, 0.72)]), ("concat", 5e-4, "errored", [])]):
+        values = [v for _, v in curve]
+        rows.append({"trial_id": f"t{i}", "status": status, "params": {"model.fusion.name": fusion, "train.lr": lr},
+                     "epochs_done": curve[-1][0] if curve else 0, "curve": curve,
+                     "metric_best": max(values) if values else float("nan"),
+                     "metric_last": values[-1] if values else float("nan"), "mlflow_run_id": None, "model_uri": None})
+    return rows
+
+
+def test_sweep_figures_and_results_table_from_rows():
+    from pipelines import sweep_plots
+    from pipelines.sweep_tracking import results_frame
+
+    plan = load_sweep(CPU_SWEEP, ["sweep.space.model.fusion.dim=null", "sweep.space.model.text.trainable_layers=null",
+                                  "sweep.space.data.uncertain_policy=null", "sweep.space.data.blank_policy=null"])
+    figs = sweep_plots.figures(_rows(), plan, "val/auroc_macro")
+    assert set(figs) == {"metric_vs_params", "learning_curves", "parallel_coordinates"}
+    assert len(figs["learning_curves"].axes[0].lines) == 3  # the errored trial reported nothing
+    assert len(figs["parallel_coordinates"].axes[0].lines) >= 3
+    for fig in figs.values():
+        sweep_plots.close(fig)
+    frame = results_frame(_rows(), "val/auroc_macro")
+    assert list(frame["status"]) == ["completed", "stopped", "completed", "errored"]
+    assert frame["val/auroc_macro_best"].iloc[2] == 0.72 and "train.lr" in frame
