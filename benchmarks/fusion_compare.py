@@ -113,6 +113,19 @@ def plot(trials: list[dict], rows: list[dict], path: Path):
     return fig
 
 
+def completed_so_far(workdir: Path) -> dict:
+    """The sweep's facts with the trials that have logged a model so far (a sweep still running or stopped)."""
+    facts = json.loads((workdir / "sweep.json").read_text())
+    trials = []
+    for state in sorted((workdir / "trials").glob("*/finetune.json")):
+        trial_id = state.parent.name
+        params = json.loads((workdir / "tune" / f"trial_{trial_id}" / "params.json").read_text())
+        done = bool(json.loads(state.read_text()).get("model_uri"))
+        trials.append({"trial_id": trial_id, "status": "completed" if done else "unfinished", "params": params})
+    facts["trials"] = trials
+    return facts
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--studies", type=int, default=1000)
@@ -124,6 +137,9 @@ def main(argv=None) -> int:
                                                                "rerunning resumes it)")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "fusion_compare.json")
     p.add_argument("--plot", type=Path, default=REPO / "docs" / "fusion_compare.png")
+    p.add_argument("--score-only", action="store_true",
+                   help="score the trials the sweep in --workdir has completed so far, without running it "
+                        "(a partial table; rerun without this flag to resume the sweep)")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
 
@@ -141,7 +157,10 @@ def main(argv=None) -> int:
     workdir = args.workdir or args.work / f"compare-{plan.config.name}"
     init_ray(num_cpus=os.cpu_count())
     t0 = time.perf_counter()
-    facts = sweep_mod.run(plan, data, workdir)
+    if args.score_only:
+        facts = completed_so_far(workdir)
+    else:
+        facts = sweep_mod.run(plan, data, workdir)
     wall = time.perf_counter() - t0
     trials = []
     for t in facts["trials"]:
@@ -159,11 +178,13 @@ def main(argv=None) -> int:
     print(table)
     fig = plot(trials, rows, args.plot)
     mlflow.set_tracking_uri(f"sqlite:///{workdir.resolve() / 'mlflow.db'}")
-    with mlflow.start_run(run_id=facts["parent_run_id"]):
+    with mlflow.start_run(run_id=facts["parent_run_id"], nested=False):
         mlflow.log_text(table, "fusion_compare/table.md")
         mlflow.log_dict({"trials": trials, "summary": rows}, "fusion_compare/scores.json")
         mlflow.log_figure(fig, "fusion_compare/fusion_compare.png")
     out = {"machine": machine_facts(), "config": str(args.config), "overrides": args.overrides,
+           "partial": bool(args.score_only), "n_trials_planned": len(plan.config.sweep.space["model.fusion.name"].args)
+           * len(plan.config.sweep.space["train.seed"].args) * plan.config.sweep.num_samples,
            "sweep_wall_seconds": wall, "trials": trials, "summary": rows, "table_markdown": table,
            "parent_run_id": facts["parent_run_id"], "data": str(data)}
     args.out.parent.mkdir(parents=True, exist_ok=True)

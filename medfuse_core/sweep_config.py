@@ -62,6 +62,9 @@ class SpaceEntry(_Section):
         """Every value a trial may draw for a discrete kind; both ends of a range."""
         if self.kind == "randint":
             return [self.randint[0], self.randint[1] - 1]  # high is exclusive
+        if self.kind in ("uniform", "loguniform"):  # and a fractional draw: refused by an int field
+            low, high = self.args
+            return [low, high, low + 0.37 * (high - low)]
         return self.args
 
 
@@ -211,6 +214,9 @@ def load_sweep(path: str | Path, overrides=()) -> Sweep:
             raise ConfigError(f"sweep.space.{key}: not a key of the {cfg.stage} experiment")
         if key in ("name", "tracking.experiment", "tracking.registered_model"):
             raise ConfigError(f"sweep.space.{key}: cannot be swept (every trial of a sweep is tracked together)")
+        if key == "train.epochs" or key.startswith("scaling."):
+            raise ConfigError(f"sweep.space.{key}: cannot be swept (the scheduler's clock and the trial "
+                              f"concurrency come from the base experiment); set it under overrides")
         for value in entry.edge_values():
             try:
                 validate_stage(trial_raw(base_raw, {key: value}), cfg.stage, source)

@@ -117,6 +117,10 @@ def cmd_sweep(args) -> int:
     sweep.check_sweep(plan)
     facts = sweep.run(plan, args.data, args.workdir)
     print_sweep(facts)
+    if not facts.get("best"):
+        print(f"medfuse sweep: no trial completed ({json.dumps(facts.get('counts', {}))}); see the trials' "
+              f"logs under {args.workdir}/tune", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -65,8 +65,9 @@ def print_sweep(facts: dict) -> None:
                       f"{t['metric_best']:.4f}")
     Console().print(table)
     if best:
-        print(json.dumps({k: best.get(k) for k in ("trial_id", "metric", "score", "mlflow_run_id", "model_uri")},
-                         indent=2))
+        shown = {k: best.get(k) for k in ("trial_id", "metric", "score", "mlflow_run_id")}
+        shown["model_uri"] = best.get("model_uri") or best.get("trial_model_uri")
+        print(json.dumps(shown, indent=2))
 
 
 def with_progress(title: str, fn):

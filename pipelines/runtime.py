@@ -15,6 +15,7 @@ _WORKER_ENV = {
     "TRANSFORMERS_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
     "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
+    "RAY_CHDIR_TO_TRIAL_DIR": "0",  # sweep trials keep the job's working dir: relative paths hold
     "PYTHONWARNINGS": "ignore::DeprecationWarning,ignore::FutureWarning",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
 }

@@ -18,7 +18,8 @@ Workdir layout::
     W/mlflow.db, W/mlartifacts/   the MLflow store (unless MLFLOW_TRACKING_URI is set)
 
 Re-running the same command on the same workdir resumes: finished trials are kept, unfinished
-ones continue from their latest checkpoint in their own child run.
+ones continue from their latest checkpoint in their own child run; errored trials stay errored
+(start a new workdir to retry them).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from pathlib import Path
 
 from medfuse_core.config import ConfigError, flatten
@@ -44,6 +46,14 @@ DATA_CPUS_PER_TRIAL = 1
 # Tune refuses an empty request, and a CPU share would leave Ray Data's 1-CPU read tasks no room)
 TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 256 * 1024 ** 2}
 
+# per stage: the metrics every epoch reports (exact names, and per-label prefixes)
+EPOCH_METRICS = {
+    "finetune": ({"val/auroc_macro", "val/auroc_macro_image_only", "val/auprc_macro", "train/loss_epoch"},
+                 ("val/auroc/",)),
+    "pretrain": ({"val/retrieval_mean_recall", "val/zero_shot_auroc_macro", "val/logit_scale", "train/loss_epoch"},
+                 ("val/retrieval/", "val/zero_shot_auroc/")),
+}
+
 SCHEDULERS: Registry = Registry("trial scheduler")
 SEARCHERS: Registry = Registry("search algorithm")
 
@@ -52,11 +62,19 @@ SEARCHERS: Registry = Registry("search algorithm")
 def _asha(sweep: Sweep, metric: str):
     """Asynchronous successive halving on ``epochs_done``: trials below the rung's top
     ``1/reduction_factor`` stop and free their workers; survivors train all epochs."""
-    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    class FinishingASHA(ASHAScheduler):
+        """ASHA whose last rung (at ``max_t``) never stops a trial: one that trained every epoch
+        goes on to log its model (Ray's rungs include ``max_t`` itself)."""
+
+        def on_trial_result(self, tune_controller, trial, result):
+            action = super().on_trial_result(tune_controller, trial, result)
+            return TrialScheduler.CONTINUE if result.get(self._time_attr, 0) >= self._max_t else action
 
     sc = sweep.config.sweep.scheduler
     epochs = sweep.base.train.epochs
-    return ASHAScheduler(time_attr="epochs_done", max_t=epochs,  # metric, mode: from the TuneConfig
+    return FinishingASHA(time_attr="epochs_done", max_t=epochs,  # metric, mode: from the TuneConfig
                          grace_period=min(sc.grace_period, epochs), reduction_factor=sc.reduction_factor,
                          stop_last_trials=False)
 
@@ -110,12 +128,21 @@ def check_sweep(sweep: Sweep) -> None:
     if grids and sw.searcher.name != "random":
         raise ConfigError(f"sweep.space.{grids[0]}: grid entries need searcher random "
                           f"(sweep.searcher.name={sw.searcher.name} draws its own points); use choice")
-    from medfuse_core.objectives import OBJECTIVES
+    known, prefixes = EPOCH_METRICS[sweep.stage]
+    if sw.metric not in known and not sw.metric.startswith(prefixes):
+        raise ConfigError(f"sweep.metric: {sw.metric!r} is not reported per epoch by a {sweep.stage} run; "
+                          f"choose one of {sorted(known)} or a per-label {'/'.join(prefixes)}... key")
+    if sw.metric == "val/zero_shot_auroc_macro" or sw.metric.startswith("val/zero_shot_auroc/"):
+        from medfuse_core.objectives import build_objective
 
-    score_key = OBJECTIVES.get(sweep.base.objective.name).score_key
-    if not (sw.metric.startswith("val/") or sw.metric == "train/loss_epoch"):
-        raise ConfigError(f"sweep.metric: {sw.metric!r} is not reported per epoch; use a validation metric such "
-                          f"as {score_key!r} (or train/loss_epoch)")
+        if build_objective(sweep.base).prompts_path() is None:
+            raise ConfigError("sweep.metric: zero-shot metrics need a prompt file (data.prompts)")
+    if "loss" in sw.metric and sw.mode != "min":
+        raise ConfigError(f"sweep.mode: {sw.metric} is a loss; set sweep.mode=min")
+    if sw.searcher.name == "optuna":
+        for key, entry in sw.space.items():
+            if entry.kind == "choice" and any(isinstance(v, (list, dict)) for v in entry.args):
+                raise ConfigError(f"sweep.space.{key}: optuna draws scalar choices only; use searcher random")
 
 
 def param_space(sweep: Sweep) -> dict:
@@ -154,6 +181,8 @@ def run_trial(params: dict, ctx: dict) -> None:
     from pipelines.training import RunContext
 
     quiet_third_party()
+    if ctx.get("mlflow_tracking_uri"):  # a tracking server: every trial logs where the parent is
+        os.environ["MLFLOW_TRACKING_URI"] = ctx["mlflow_tracking_uri"]
     trial_id = tune.get_context().get_trial_id()
     cfg = validate_stage(trial_raw(ctx["base_raw"], params), ctx["stage"], f"trial {trial_id}")
     store = Path(ctx["workdir"])
@@ -172,7 +201,7 @@ def _stage_module(stage: str):
     return {"finetune": finetune, "pretrain": pretrain}[stage]
 
 
-def _check_data(sweep: Sweep, data_dir: Path) -> None:
+def _check_data(sweep: Sweep, data_dir: Path) -> str:
     from pipelines.ingest import load_summary
 
     summary = load_summary(data_dir)
@@ -180,6 +209,7 @@ def _check_data(sweep: Sweep, data_dir: Path) -> None:
         _stage_module("finetune").check_data(sweep.base, summary, data_dir)
     else:
         _stage_module("pretrain").check_data(sweep.base, summary)
+    return summary["digest"]
 
 
 def _facts_config(sweep: Sweep) -> dict:
@@ -200,11 +230,16 @@ def run(sweep: Sweep, data_dir: str | Path, workdir: str | Path) -> dict:
     from pipelines import sweep_tracking
     from pipelines.runtime import init_ray
 
+    from medfuse_core.data.sources import SourceError
+
     check_sweep(sweep)
     data_dir, workdir = Path(data_dir).resolve(), Path(workdir).resolve()
-    _check_data(sweep, data_dir)
+    digest = _check_data(sweep, data_dir)
     facts_path = workdir / STATE_FILE
     facts = json.loads(facts_path.read_text()) if facts_path.exists() else {}
+    if facts.get("data_digest") and facts["data_digest"] != digest:
+        raise SourceError("--data: this is not the dataset the sweep in --workdir ran on (its digest differs); "
+                          "pass the original --data, or use a new workdir")
     if facts.get("config"):
         changed = _changed(facts["config"], _facts_config(sweep))
         if changed:
@@ -218,13 +253,14 @@ def run(sweep: Sweep, data_dir: str | Path, workdir: str | Path) -> dict:
     init_ray()
     metric = tune_metric(sweep)
     parent = sweep_tracking.open_parent(workdir, sweep, facts.get("parent_run_id"))
-    facts.update({"name": sweep.config.name, "stage": sweep.stage, "parent_run_id": parent,
+    facts.update({"name": sweep.config.name, "stage": sweep.stage, "parent_run_id": parent, "data_digest": digest,
                   "experiment": sweep.base.tracking.experiment, "data_dir": str(data_dir),
                   "config": _facts_config(sweep), "tune_path": str(workdir / TUNE_DIR)})
     facts_path.write_text(json.dumps(facts, indent=2))
 
     ctx = {"base_raw": sweep.base_raw, "stage": sweep.stage, "workdir": str(workdir), "data_dir": str(data_dir),
-           "parent_run_id": parent, "name": sweep.config.name}
+           "parent_run_id": parent, "name": sweep.config.name,
+           "mlflow_tracking_uri": os.environ.get("MLFLOW_TRACKING_URI")}
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), TRIAL_DRIVER_RESOURCES)
     path = str(workdir / TUNE_DIR)
     if tune.Tuner.can_restore(path):
@@ -244,7 +280,11 @@ def run(sweep: Sweep, data_dir: str | Path, workdir: str | Path) -> dict:
                 trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
             run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(workdir), verbose=1),
         )
-    grid = tuner.fit()
+    try:
+        grid = tuner.fit()
+    except BaseException:
+        sweep_tracking.end_parent(parent, "KILLED")
+        raise
     rows = collect_rows(grid, sweep, workdir)
     summary = sweep_tracking.finish(workdir, sweep, parent, rows)
     facts.update(summary)
@@ -269,7 +309,6 @@ def collect_rows(grid, sweep: Sweep, workdir: Path) -> list[dict]:
     """One row per trial: id, status, drawn values, epochs done, last and best metric, its model."""
     metric = tune_metric(sweep)
     better = max if sweep.config.sweep.mode == "max" else min
-    epochs = sweep.base.train.epochs
     rows = []
     for result in grid:
         trial_id = Path(result.path).name.removeprefix("trial_")
@@ -281,8 +320,8 @@ def collect_rows(grid, sweep: Sweep, workdir: Path) -> list[dict]:
             status = "errored"
         elif trial_facts.get("model_uri"):
             status = "completed"
-        else:
-            status = "stopped" if done < epochs else "completed"
+        else:  # ended before it logged a model: the scheduler stopped it
+            status = "stopped"
         values = [v for _, v in curve]
         rows.append({
             "trial_id": trial_id, "status": status,

@@ -58,7 +58,16 @@ def open_parent(workdir: Path, sweep, run_id: str | None) -> str:
                                   "sweep.space": {k: {e.kind: e.args} for k, e in cfg.sweep.space.items()}})
         mlflow.log_dict({k: {e.kind: e.args} for k, e in cfg.sweep.space.items()}, "sweep/space.json")
         mlflow.log_dict(flatten(sweep.base), "sweep/base_experiment.json")
-        return run.info.run_id
+        run_id = run.info.run_id
+    mlflow.MlflowClient().update_run(run_id, status="RUNNING")  # until the sweep ends
+    return run_id
+
+
+def end_parent(run_id: str, status: str) -> None:
+    """Mark the parent run ended (``KILLED`` when the sweep stopped with an error or interrupt)."""
+    import mlflow
+
+    mlflow.MlflowClient().set_terminated(run_id, status)
 
 
 def _mark_children(rows: list[dict]) -> None:
@@ -123,7 +132,7 @@ def finish(workdir: Path, sweep, parent_run_id: str, rows: list[dict]) -> dict:
     best = dict(ranked[0]) if ranked else {}
     with mlflow.start_run(run_id=parent_run_id):
         frame = results_frame(rows, metric)
-        mlflow.log_table(frame, artifact_file="sweep/results.json")
+        mlflow.log_text(frame.to_json(orient="records", indent=1), "sweep/results.json")  # replaced on a rerun
         mlflow.log_text(frame.to_csv(index=False), "sweep/results.csv")
         counts = {s: sum(r["status"] == s for r in rows) for s in ("completed", "stopped", "errored")}
         mlflow.log_metrics({"sweep/trials": len(rows), **{f"sweep/trials_{k}": v for k, v in counts.items()}})

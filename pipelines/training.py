@@ -71,9 +71,12 @@ RESUMABLE_CHANGES = ("train.epochs", "train.log_every_steps")
 
 
 def config_changes(previous: dict, cfg) -> list[str]:
-    """Dotted keys whose values differ from the run being resumed (epochs may grow)."""
+    """Dotted keys whose values differ from the run being resumed (epochs may grow). A key the
+    earlier run's schema did not have yet counts only if it is set away from its default."""
     old, new = flatten(previous), flatten(cfg)
-    return sorted(k for k in set(old) | set(new) if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k))
+    defaults = flatten(type(cfg)())
+    return sorted(k for k in set(old) | set(new) if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k)
+                  and not (k not in old and new.get(k) == defaults.get(k)))
 
 
 def check_image_size(cfg, summary: dict) -> None:

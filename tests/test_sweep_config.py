@@ -133,3 +133,52 @@ def test_sweep_figures_and_results_table_from_rows():
     frame = results_frame(_rows(), "val/auroc_macro")
     assert list(frame["status"]) == ["completed", "stopped", "completed", "errored"]
     assert frame["val/auroc_macro_best"].iloc[2] == 0.72 and "train.lr" in frame
+
+
+def test_asha_stops_at_a_rung_but_never_a_trial_that_trained_every_epoch():
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    plan = load_sweep(CPU_SWEEP)  # 4 epochs, grace 1, factor 2: Ray's rungs at 1, 2 and 4
+    asha = sweep_mod.SCHEDULERS.get("asha")(plan, "val_auroc_macro")
+    asha.set_search_properties("val_auroc_macro", "max")
+    good, bad = SimpleNamespace(trial_id="good"), SimpleNamespace(trial_id="bad")
+    for trial in (good, bad):
+        asha.on_trial_add(None, trial)
+    for epoch in (1, 2, 4):
+        assert asha.on_trial_result(None, good, {"epochs_done": epoch, "val_auroc_macro": 0.9}) == TrialScheduler.CONTINUE
+    assert asha.on_trial_result(None, bad, {"epochs_done": 1, "val_auroc_macro": 0.5}) == TrialScheduler.STOP
+    # at the last rung a worse trial is past stopping: it goes on to log its model
+    late = SimpleNamespace(trial_id="late")
+    asha.on_trial_add(None, late)
+    assert asha.on_trial_result(None, late, {"epochs_done": 4, "val_auroc_macro": 0.1}) == TrialScheduler.CONTINUE
+
+
+def test_sweep_metric_mode_and_space_checks():
+    with pytest.raises(ConfigError, match=r"sweep\.metric: 'val/loss' is not reported"):
+        sweep_mod.check_sweep(load_sweep(CPU_SWEEP, ["sweep.metric=val/loss"]))
+    with pytest.raises(ConfigError, match=r"sweep\.mode: train/loss_epoch is a loss"):
+        sweep_mod.check_sweep(load_sweep(CPU_SWEEP, ["sweep.metric=train/loss_epoch"]))
+    sweep_mod.check_sweep(load_sweep(CPU_SWEEP, ["sweep.metric=val/auroc/Edema"]))
+    with pytest.raises(ConfigError, match=r"sweep\.space\.model\.fusion\.dim: value 75\.84 is not valid: model\.fusion\.dim: Input should be a valid integer"):
+        load_sweep(CPU_SWEEP, ["sweep.space.model.fusion.dim={uniform: [64, 96]}"])  # an int key
+    with pytest.raises(ConfigError, match=r"sweep\.space\.train\.epochs: cannot be swept"):
+        load_sweep(CPU_SWEEP, ["sweep.space.train.epochs={choice: [2, 4]}"])
+    with pytest.raises(ConfigError, match=r"sweep\.space\.scaling\.num_workers: cannot be swept"):
+        load_sweep(CPU_SWEEP, ["sweep.space.scaling.num_workers={choice: [1, 2]}"])
+    with pytest.raises(ConfigError, match=r"sweep\.space\.data\.labels: optuna draws scalar choices only"):
+        sweep_mod.check_sweep(load_sweep(CPU_SWEEP, ["sweep.searcher.name=optuna",
+                                                     "sweep.space.data.labels={choice: [[Edema], [Atelectasis]]}"]))
+
+
+def test_a_key_new_to_the_schema_at_its_default_does_not_block_a_resume():
+    from medfuse_core.config import PretrainConfig
+    from pipelines.training import config_changes
+
+    cfg = PretrainConfig()
+    older = cfg.model_dump()
+    del older["objective"]["mask_duplicate_texts"]  # written before the key existed
+    assert config_changes(older, cfg) == []
+    changed = PretrainConfig.model_validate({"objective": {"name": "infonce", "mask_duplicate_texts": False}})
+    assert config_changes(older, changed) == ["objective.mask_duplicate_texts"]
