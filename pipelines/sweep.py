@@ -216,9 +216,15 @@ def _facts_config(sweep: Sweep) -> dict:
     return {"sweep": sweep.config.model_dump(), "base": sweep.base.model_dump()}
 
 
-def _changed(previous: dict, current: dict) -> list[str]:
+def _changed(previous: dict, current: dict, stage: str) -> list[str]:
+    """Keys of the sweep's facts config that differ; a base-experiment key the earlier run's schema
+    did not have yet counts only if it is set away from its default."""
+    from medfuse_core.config import STAGE_SCHEMAS
+
     old, new = flatten(previous), flatten(current)
-    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    defaults = flatten({"base": STAGE_SCHEMAS[stage]().model_dump()})
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k)
+                  and not (k not in old and k in defaults and new.get(k) == defaults[k]))
 
 
 def run(sweep: Sweep, data_dir: str | Path, workdir: str | Path) -> dict:
@@ -241,7 +247,7 @@ def run(sweep: Sweep, data_dir: str | Path, workdir: str | Path) -> dict:
         raise SourceError("--data: this is not the dataset the sweep in --workdir ran on (its digest differs); "
                           "pass the original --data, or use a new workdir")
     if facts.get("config"):
-        changed = _changed(facts["config"], _facts_config(sweep))
+        changed = _changed(facts["config"], _facts_config(sweep), sweep.stage)
         if changed:
             raise ConfigError(f"--workdir: resuming a sweep run with other settings ({', '.join(changed[:6])}); "
                               "use a new workdir, or the original values")
