@@ -44,7 +44,8 @@ def _sweep_file(tmp: Path, space: dict, sweep: dict, epochs: int) -> Path:
 
 
 def _children(workdir: Path, parent: str):
-    client = mlflow.MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)  # not the process's last registry
     exp = client.get_experiment_by_name("medfuse-cxr")
     return client, client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'")
 
