@@ -312,6 +312,20 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return out
 
 
+def read_yaml_mapping(path: str | Path) -> dict:
+    """A YAML file whose top level is a mapping; :class:`ConfigError` naming the file otherwise."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {path}: not found")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path}: not valid YAML ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path}: top level must be a mapping")
+    return raw
+
+
 def parse_config(path: str | Path | None, overrides: list[str] = (), schema: type[BaseModel] = FinetuneConfig):
     """Load a YAML experiment file (or defaults when ``path`` is None), apply overrides, validate
     the schema. Registry names are checked by :func:`medfuse_core.experiment.load_config`."""
@@ -319,15 +333,7 @@ def parse_config(path: str | Path | None, overrides: list[str] = (), schema: typ
     source = "defaults"
     if path is not None:
         source = str(path)
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {source}: not found")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {source}: not valid YAML ({exc})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {source}: top level must be a mapping")
+        raw = read_yaml_mapping(path)
     raw = apply_overrides(raw, list(overrides))
     try:
         return schema.model_validate(raw)

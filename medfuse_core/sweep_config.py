@@ -16,11 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from medfuse_core.config import (STAGE_SCHEMAS, ConfigError, _format_validation_error, _Section, apply_overrides,
-                                 flatten, parse_override)
+                                 flatten, parse_override, read_yaml_mapping)
 
 KINDS = ("choice", "grid", "uniform", "loguniform", "randint")
 
@@ -166,14 +165,7 @@ def load_sweep(path: str | Path, overrides=()) -> Sweep:
     """Load and check a sweep file; ``key=value`` overrides set the base experiment, ``sweep.KEY=V``
     the sweep section. Raises :class:`ConfigError` naming the key."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {path}: not found")
-    try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path}: not valid YAML ({exc})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config file {path}: top level must be a mapping")
+    raw = read_yaml_mapping(p)
     mine, base_overrides = _split_overrides(overrides)
     space_overrides = [t for t in mine if t.split("=", 1)[0].strip().startswith("sweep.space.")]
     raw = apply_overrides(raw, [t for t in mine if t not in space_overrides])
@@ -195,7 +187,7 @@ def load_sweep(path: str | Path, overrides=()) -> Sweep:
         base_path = (p.parent / cfg.base).resolve()
         if not base_path.is_file():
             raise ConfigError(f"base: {cfg.base!r} not found (looked for {base_path})")
-        base_raw = yaml.safe_load(base_path.read_text()) or {}
+        base_raw = read_yaml_mapping(base_path)
     for key, value in cfg.overrides.items():
         base_raw = _set(base_raw, key, value)
     swept = set(cfg.sweep.space)
