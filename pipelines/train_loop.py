@@ -560,8 +560,10 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         stream = open_epoch(epoch + 1) if epoch + 1 < cfg.train.epochs else None
 
         val_loader = lambda: val_shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy")
+        t_val = time.time()
         objective.eval_begin(engine, tokenizer, engine.device)
         val = objective.val_metrics(_validate(engine, val_loader, world, rank, make, objective))
+        validate_seconds = time.time() - t_val
         score = val.get(objective.score_key, float("nan"))
         score = score if score == score else 0.0
         metrics = {
@@ -576,6 +578,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
             "perf/data_wait_fraction": data_wait / max(train_seconds, 1e-9),  # waiting on Ray Data
             "perf/batch_prep_fraction": prep / max(train_seconds, 1e-9),  # decode blobs, tokenise, augment
             "perf/first_batch_wait_seconds": first_wait,  # the epoch's first batch (stream start-up, buffer fill)
+            "perf/epoch_validate_seconds": validate_seconds,
         }
         if getattr(text_encoder, "cache_rows", 0):  # frozen text encoder: rows served from its output cache
             seen = text_encoder.cache_hits + text_encoder.cache_misses
@@ -593,6 +596,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         state["epoch"] = epoch
         state["score"] = score
 
+        t_ckpt = time.time()
         # ZeRO-3 gathers on every rank (a collective); below it only rank 0 needs a copy
         weights = (consolidated_state_dict(engine, zero_stage)
                    if zero_stage == 3 or rank == 0 else None)
@@ -609,3 +613,5 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
             write_rank_manifest(tmp, rank)
             ray.train.report({k.replace("/", "_"): v for k, v in metrics.items()},
                              checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        # what saving and persisting the checkpoint cost (known only after the report that carries it)
+        sink.log({"perf/epoch_checkpoint_seconds": time.time() - t_ckpt}, state["global_step"])
