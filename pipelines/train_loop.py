@@ -103,7 +103,7 @@ def deepspeed_config(cfg, use_gpu: bool, zero_stage: int | None = None) -> dict:
         zero["offload_optimizer"] = {"device": "cpu"}
     out = {
         "train_micro_batch_size_per_gpu": cfg.train.batch_size,
-        "gradient_accumulation_steps": 1,
+        "gradient_accumulation_steps": cfg.train.grad_accum_steps,
         "gradient_clipping": cfg.train.grad_clip,
         "zero_optimization": zero,
         "steps_per_print": 10**9,
@@ -426,7 +426,10 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     if not cfg.scaling.use_gpu:
         torch.set_num_threads(max(1, int(math.ceil(cfg.scaling.cpus_per_worker))))
     # the data stream starts first (below); DeepSpeed, the model and the engine load behind it
-    steps_per_epoch = max(1, loop_cfg["n_train"] // (world * cfg.train.batch_size))
+    # micro-batches per epoch: a whole number of optimizer steps, so every epoch (and checkpoint)
+    # ends on an accumulation boundary
+    accum = cfg.train.grad_accum_steps
+    steps_per_epoch = max(1, loop_cfg["n_train"] // (world * cfg.train.batch_size * accum)) * accum
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("validate")
 
@@ -473,7 +476,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     text_encoder = getattr(model, "text_encoder", None)
     if zero_stage == 3 and getattr(text_encoder, "cache_rows", 0):
         text_encoder.cache_rows = 0  # partitioned parameters: every rank must run every forward
-    total_steps = steps_per_epoch * cfg.train.epochs
+    total_steps = steps_per_epoch // accum * cfg.train.epochs  # optimizer steps (the LR schedule's clock)
     groups = model.param_groups(cfg.train.lr, cfg.train.text_lr, cfg.train.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.train.warmup_steps, total_steps))
@@ -537,17 +540,19 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
                 if memory is None:  # once per process: what ZeRO leaves on this rank (grads peak before the step)
                     memory = gradient_bytes(engine)
                 engine.step()
+                step_in_epoch += 1
+                n_window += global_bs
+                losses.append(loss.detach())
+                if step_in_epoch % accum:
+                    continue  # gradients accumulate; DeepSpeed stepped nothing
                 if "params_bytes" not in memory:
                     memory.update(state_bytes(engine))
                     state["memory"] = _report_memory(memory, zero_stage, rank, world, sink,
                                                      state["global_step"] + 1)
-                state["global_step"] += 1
-                step_in_epoch += 1
-                n_window += global_bs
-                losses.append(loss.detach())
+                state["global_step"] += 1  # optimizer steps
                 if state["global_step"] % cfg.train.log_every_steps == 0:
                     dt = time.time() - t_window
-                    sink.log({"train/loss": torch.stack(losses[-cfg.train.log_every_steps:]).mean().item(),
+                    sink.log({"train/loss": torch.stack(losses[-cfg.train.log_every_steps * accum:]).mean().item(),
                               "train/lr": scheduler.get_last_lr()[0] if scheduler else cfg.train.lr,
                               "perf/samples_per_sec": n_window / max(dt, 1e-9),
                               "train/epoch": epoch}, state["global_step"])

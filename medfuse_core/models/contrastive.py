@@ -1,8 +1,8 @@
 """The stage-1 model: a vision encoder and a text encoder aligned in one embedding space.
 
 ``ContrastiveModel`` pools each encoder's tokens (image: mean over the feature map or patch
-tokens; text: mean over real tokens, the pooling MiniLM-class sentence encoders are trained
-with), projects both to ``embed_dim`` and L2-normalises them. Its learnable temperature (and
+tokens; text: the text encoder's pooling, a mean over real tokens for MiniLM-class sentence
+encoders and the last real token for a causal LM), projects both to ``embed_dim`` and L2-normalises them. Its learnable temperature (and
 SigLIP bias) live in ``logit_scale``. The encoders keep the attribute names
 ``vision_encoder`` / ``text_encoder`` of :class:`~medfuse_core.models.diagnosis.DiagnosisModel`,
 so stage 2 takes their weights by name (:func:`encoder_state`).
@@ -17,18 +17,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from medfuse_core.models.param_groups import optimizer_groups
-from medfuse_core.models.text import TextEncoder
+from medfuse_core.models.text import TextEncoder, build_text_encoder
 from medfuse_core.models.vision import VisionEncoder, build_vision_encoder
 from medfuse_core.objectives.contrastive import LogitScale
 
 # the weights stage 2 takes from a stage-1 bundle (prefixes of the state dict)
 ENCODER_PREFIXES = ("vision_encoder.", "text_encoder.")
-
-
-def masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of ``tokens [B, T, H]`` over positions where ``mask [B, T]`` is true (zeros for none)."""
-    m = mask.to(tokens.dtype).unsqueeze(-1)
-    return (tokens * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
 class ContrastiveModel(nn.Module):
@@ -55,7 +49,7 @@ class ContrastiveModel(nn.Module):
     def encode_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Token ids ``[B, T]`` + mask -> normalised text embeddings ``[B, embed_dim]``."""
         hidden = self.text_encoder(input_ids, attention_mask)
-        return F.normalize(self.text_head(masked_mean(hidden, attention_mask.bool())), dim=-1)
+        return F.normalize(self.text_head(self.text_encoder.pool(hidden, attention_mask.bool())), dim=-1)
 
     def forward(self, images: torch.Tensor, input_ids: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None, **_: Any) -> dict[str, torch.Tensor]:
@@ -85,7 +79,7 @@ def build_contrastive_model(cfg, image_size: int, objective: str = "infonce", *,
     """Build from a :class:`~medfuse_core.config.PretrainModelConfig` (vision, text, ``embed_dim``)
     and the objective's name (``siglip`` adds the learnable bias)."""
     vision = build_vision_encoder(cfg.vision, image_size, load_weights=load_vision_weights)
-    text = TextEncoder(cfg.text.name_or_path, cfg.text.trainable_layers, config=text_config)
+    text = build_text_encoder(cfg.text, config=text_config)
     return ContrastiveModel(vision, text, cfg.embed_dim, objective=objective, image_size=image_size,
                             init_temperature=init_temperature)
 

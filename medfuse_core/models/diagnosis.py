@@ -12,7 +12,7 @@ from medfuse_core.config import ModelConfig
 from medfuse_core.models.fusion import build_fusion
 from medfuse_core.models.heads import build_head
 from medfuse_core.models.param_groups import optimizer_groups
-from medfuse_core.models.text import TextEncoder
+from medfuse_core.models.text import TextEncoder, build_text_encoder
 from medfuse_core.models.vision import VisionEncoder, build_vision_encoder
 
 # parameter leaf names that act like embeddings/biases and get no weight decay
@@ -152,8 +152,7 @@ def build_model(
     vision = build_vision_encoder(cfg.vision, image_size, load_weights=load_vision_weights)
     text = None
     if cfg.text.enabled:
-        text = TextEncoder(cfg.text.name_or_path, cfg.text.trainable_layers, config=text_config)
-        text.cache_rows = cfg.text.frozen_cache_rows
+        text = build_text_encoder(cfg.text, config=text_config)
     f = cfg.fusion
     fusion = build_fusion(f.name, dim=f.dim, heads=f.heads, layers=f.layers, dropout=f.dropout)
     head = build_head(cfg.head, fusion.out_dim, num_labels)
