@@ -344,7 +344,7 @@ def child_finetune(spec: dict) -> dict:
               for i in range(len(per_epoch["epoch_samples_per_sec"]))]
     mem_rank0 = {k: (history(f"perf/mem/{k}") or [None])[-1]
                  for k in ("params_bytes", "grads_bytes", "optimizer_bytes", "master_params_bytes", "bucket_bytes")}
-    states = [s for s, _ in finetune.find_checkpoints(workdir)]
+    states = [s for s, _ in finetune.find_checkpoints(workdir / "ray")]
     memory = max(states, key=lambda s: s["global_step"]).get("memory") if states else None
     out = {"epochs": epochs, "wall_seconds": wall, "mlflow_mem_rank0": mem_rank0, "memory": memory,
            "val_auroc_macro": facts.get("best_val_auroc_macro")}

@@ -181,6 +181,18 @@ class ScalingConfig(_Section):
     num_workers: int = Field(2, ge=1)
     cpus_per_worker: float = Field(0.5, gt=0)
     use_gpu: bool = False
+    # a failed worker (process or node) restarts the workers from the latest checkpoint this
+    # many times before the run fails (-1: without limit; 0: fail at once)
+    max_failures: int = Field(2, ge=-1)
+
+
+class CheckpointConfig(_Section):
+    """Where Ray Train keeps checkpoints, and how many."""
+
+    # a local path for one machine; on a cluster a path every node mounts (NFS, a ReadWriteMany
+    # volume) or an object-store URI (s3://, gs://, abfs://); None: <workdir>/ray
+    storage: Optional[str] = None
+    keep: int = Field(2, ge=1)  # the best this many by the stage's score, and always the latest
 
 
 class DeepSpeedConfig(_Section):
@@ -249,6 +261,7 @@ class FinetuneConfig(_Section):
     train: TrainConfig = TrainConfig()
     scaling: ScalingConfig = ScalingConfig()
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
     tracking: TrackingConfig = TrackingConfig()
 
 
@@ -300,6 +313,7 @@ class PretrainConfig(_Section):
     train: TrainConfig = TrainConfig()
     scaling: ScalingConfig = ScalingConfig()
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
     tracking: TrackingConfig = TrackingConfig(registered_model="medfuse-cxr-pretrain")
 
 

@@ -19,10 +19,9 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-TRAIN_STATE = "train_state.json"
+from pipelines.checkpoints import BUNDLE_DIR, RANKS_DIR, TRAIN_STATE, check_complete, write_rank_manifest  # noqa: F401
+
 DS_TAG = "deepspeed"
-BUNDLE_DIR = "bundle"
-RANKS_DIR = "ranks"  # one manifest per rank, written after its part of the checkpoint
 
 
 # Ray Data's own read-ahead in iter_batches; 4 measured no better (the wait was start-up + buffer fill)
@@ -37,18 +36,6 @@ def derived_seed(*parts: int) -> int:
 def trainable_names(model: torch.nn.Module) -> list[str]:
     """Names of the parameters the optimizer trains (what a checkpoint must hold)."""
     return sorted(n for n, p in model.named_parameters() if p.requires_grad)
-
-
-def write_rank_manifest(folder: str, rank: int) -> None:
-    """List every file this rank wrote into its checkpoint folder (with sizes), as the last step."""
-    files = {}
-    for dirpath, _, names in os.walk(folder):
-        for name in names:
-            path = os.path.join(dirpath, name)
-            files[os.path.relpath(path, folder)] = os.path.getsize(path)
-    os.makedirs(os.path.join(folder, RANKS_DIR), exist_ok=True)
-    with open(os.path.join(folder, RANKS_DIR, f"rank-{rank}.json"), "w") as fh:
-        json.dump({"rank": rank, "files": files}, fh)
 
 
 def _deepspeed_checkpoint_globals() -> list:
@@ -442,13 +429,17 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
 
     # the epoch to run is known once the checkpoint (if any) is read; the stream opens right after
     # and reads while the model and the DeepSpeed engine are built
-    checkpoint = ray.train.get_checkpoint()  # Ray's own restore (worker restart) wins
-    if checkpoint is None and loop_cfg.get("resume_from"):  # else the driver's pick from this workdir
-        checkpoint = ray.train.Checkpoint.from_directory(loop_cfg["resume_from"])
+    # Ray restores the run's latest checkpoint: after a worker failure, and when the driver runs
+    # again under the same run name and storage (a killed driver, or a later run with more epochs)
+    checkpoint = ray.train.get_checkpoint()
     state = {"epoch": -1, "global_step": 0, "world_size": world}
     if checkpoint:
         with checkpoint.as_directory() as d:
             state = json.loads(open(os.path.join(d, TRAIN_STATE)).read())
+            check_complete(d, state)  # a loud error, never a silent restart or a half-read state
+        if rank == 0:
+            print(f"[medfuse] resuming from the checkpoint of epoch {state['epoch'] + 1} "
+                  f"(step {state['global_step']})", flush=True)
     stream = open_epoch(state["epoch"] + 1) if state["epoch"] + 1 < cfg.train.epochs else None
 
     import deepspeed

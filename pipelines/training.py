@@ -3,12 +3,17 @@
 
 Workdir layout (``<stage>`` is ``pretrain`` or ``finetune``)::
 
-    W/ray/<run>/checkpoint_*/      Ray Train checkpoints (DeepSpeed shards, bundle/, train_state.json)
+    W/ray/<run>/checkpoint_*/      Ray Train checkpoints (DeepSpeed shards, bundle/, train_state.json);
+                                   ``checkpoint.storage`` puts them elsewhere (shared path, s3://, gs://)
     W/model/                       the best checkpoint's self-contained model bundle
-    W/<stage>.json                 run facts: stage, MLflow run id, best score, dataset digest, lineage
+    W/<stage>.json                 run facts: stage, MLflow run id, Ray Train run name and storage,
+                                   best score, dataset digest, lineage
     W/mlflow.db, W/mlartifacts/    the embedded MLflow store (unless MLFLOW_TRACKING_URI is set)
 
-Re-running with the same workdir resumes from the latest complete checkpoint found there.
+The Ray Train run name is fixed the first time a workdir trains and kept in ``W/<stage>.json``:
+re-running with the same workdir gives Ray the same name and storage, and Ray Train restores the
+run's latest checkpoint (after a killed driver, or to train more epochs). A failed worker is
+restarted from the latest checkpoint up to ``scaling.max_failures`` times within one run.
 """
 
 from __future__ import annotations
@@ -17,13 +22,16 @@ import json
 import logging
 import shutil
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from medfuse_core.config import ConfigError, flatten
 from medfuse_core.data.sources import SourceError
 from pipelines import tracking
-from pipelines.train_loop import BUNDLE_DIR, RANKS_DIR, TRAIN_STATE, train_loop_per_worker
+from pipelines.checkpoints import (BUNDLE_DIR, CheckpointError, find_checkpoints, is_uri, ray_checkpoint,
+                                   storage_arguments, train_state, write_probe)
+from pipelines.train_loop import train_loop_per_worker
 
 log = logging.getLogger("medfuse")
 
@@ -33,38 +41,58 @@ def state_file(stage: str) -> str:
     return f"{stage}.json"
 
 
-def _complete(state: dict, folder: Path) -> bool:
-    """Rank 0's bundle and state, and every rank's manifest with every file it lists, arrived.
+def ctx_run_name(context, stage: str, workdir: Path, cfg) -> str:
+    """The Ray Train run name for a workdir's first run (kept in its facts for every later run).
 
-    Each rank writes its manifest after DeepSpeed's save returned, listing the files it wrote
-    with their sizes: a checkpoint cut short by a crash lacks a manifest or a file and is skipped.
+    A sweep trial's context gives a stable name; a workdir trained before names were kept
+    continues its newest run; otherwise a new name, unique across workdirs sharing a storage.
     """
-    if not (folder / BUNDLE_DIR / "medfuse_model.json").is_file():
-        return False
-    for rank in range(int(state.get("world_size", 1))):
-        manifest = folder / RANKS_DIR / f"rank-{rank}.json"
-        try:
-            files = json.loads(manifest.read_text())["files"]
-        except (OSError, ValueError, KeyError):
-            return False
-        for rel, size in files.items():
-            f = folder / rel
-            if not f.is_file() or f.stat().st_size != size:
-                return False
-    return True
+    if context is not None and context.train_run_name:
+        return context.train_run_name
+    if not cfg.checkpoint.storage:
+        legacy = find_checkpoints(workdir / "ray")
+        if legacy:
+            return Path(legacy[-1][1]).parent.name
+    return f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
 
-def find_checkpoints(workdir: Path) -> list[tuple[dict, Path]]:
-    """Every complete checkpoint under ``workdir/ray`` with its train state, oldest step first."""
-    found = []
-    for path in (Path(workdir) / "ray").glob(f"*/checkpoint_*/{TRAIN_STATE}"):
-        try:
-            state = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if _complete(state, path.parent):
-            found.append((state, path.parent))
-    return sorted(found, key=lambda item: item[0]["global_step"])
+def check_cluster_settings(cfg, storage: str, tracking_uri: str) -> None:
+    """On a multi-node cluster, refuse settings only one node can see: an SQLite/file MLflow
+    store, and checkpoint storage that is not shared (a URI, or a path every node mounts)."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) <= 1:
+        return
+    if tracking.is_local_store(tracking_uri):
+        raise ConfigError(f"MLFLOW_TRACKING_URI: this cluster has {len(nodes)} nodes and rank 0 may run on any "
+                          f"of them, but the tracking store {tracking_uri.split(':', 1)[0]}:... is a file on this "
+                          "one; start an `mlflow server` and export MLFLOW_TRACKING_URI=http://HOST:5000")
+    if is_uri(storage):
+        return
+    if not cfg.checkpoint.storage:
+        raise ConfigError(f"checkpoint.storage: this cluster has {len(nodes)} nodes, and the default "
+                          "<workdir>/ray is on this node only; set checkpoint.storage=s3://BUCKET/PATH or a path "
+                          "every node mounts")
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    probe = write_probe(storage, f".medfuse-probe-{uuid.uuid4().hex}")
+
+    @ray.remote(num_cpus=0)
+    def sees(path: str) -> bool:
+        import os
+
+        return os.path.exists(path)
+
+    try:
+        seen = ray.get([sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                        .remote(probe) for n in nodes])
+    finally:
+        Path(probe).unlink(missing_ok=True)
+    blind = [n.get("NodeManagerAddress", n["NodeID"]) for n, ok in zip(nodes, seen) if not ok]
+    if blind:
+        raise ConfigError(f"checkpoint.storage: {storage} is not shared: {len(blind)} of {len(nodes)} nodes "
+                          f"({', '.join(blind[:3])}) do not see it; use a path every node mounts, or s3://BUCKET/PATH")
 
 
 RESUMABLE_CHANGES = ("train.epochs", "train.log_every_steps")
@@ -120,7 +148,7 @@ def run_training(stage: str, cfg, data_dir: str | Path, workdir: str | Path, *, 
     the workers; ``params_extra``/``tags`` are logged on a new MLflow run; ``facts_extra`` is
     stored in ``W/<stage>.json``; ``context`` places the run inside a sweep. Returns the run facts.
     """
-    from ray.train import CheckpointConfig, DataConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     import mlflow
@@ -137,8 +165,14 @@ def run_training(stage: str, cfg, data_dir: str | Path, workdir: str | Path, *, 
         raise SourceError(f"--workdir: {workdir} holds a {other[0]} run; give each stage its own workdir")
     facts = json.loads(facts_path.read_text()) if facts_path.exists() else {}
 
-    checkpoints = find_checkpoints(workdir)
+    storage = cfg.checkpoint.storage or str(workdir / "ray")
+    run_name = facts.get("train_run_name") or ctx_run_name(context, stage, workdir, cfg)
+    checkpoints = find_checkpoints(storage, run_name)
     latest = checkpoints[-1] if checkpoints else None
+    if latest is None and facts.get("last_checkpoint_epoch") is not None:
+        raise CheckpointError(f"--workdir: the run's checkpoints are gone from {storage}/{run_name} (it had "
+                              f"reached epoch {facts['last_checkpoint_epoch'] + 1}); restore them, or train "
+                              "again in a new --workdir")
     if latest and facts.get("config"):
         changed = config_changes(facts["config"], cfg)
         if changed:
@@ -166,51 +200,58 @@ def run_training(stage: str, cfg, data_dir: str | Path, workdir: str | Path, *, 
             tracking.log_ingest(summary)
         mlflow.set_tag("medfuse.train_epochs", cfg.train.epochs)  # a param cannot change; epochs may grow on resume
         facts.update({"stage": stage, "mlflow_run_id": run_id, "experiment": cfg.tracking.experiment,
+                      "train_run_name": run_name, "checkpoint_storage": storage,
                       "tracking_uri": uri, "data_dir": str(data_dir.resolve()), "data_digest": summary["digest"],
                       "config": cfg.model_dump(), **(facts_extra or {})})
         facts_path.write_text(json.dumps(facts, indent=2))
 
-        resume = None
         if latest and latest[0]["epoch"] + 1 >= cfg.train.epochs:
             log.info("%s: the latest checkpoint already completed %d epochs; nothing to train", stage, cfg.train.epochs)
             if facts.get("model_uri"):
                 return facts  # already logged and registered: no duplicate model version
+            reported = [(ray_checkpoint(path, storage), state) for state, path in checkpoints]
         else:
             init_ray()
+            check_cluster_settings(cfg, storage, uri)
             if latest:
-                resume = str(latest[1])
                 log.info("%s: resuming from epoch %d (step %d)", stage, latest[0]["epoch"], latest[0]["global_step"])
                 mlflow.set_tag("medfuse.resumed_from_step", latest[0]["global_step"])
             train_options = DataConfig.default_ingest_options()
             train_options.preserve_order = True  # blocks in the seeded file order: reproducible epochs
+            storage_fs, storage_path = storage_arguments(storage)
             trainer = TorchTrainer(
                 train_loop_per_worker,
                 train_loop_config={"stage": stage, "config_json": cfg.model_dump_json(), "n_train": n_train,
                                    "n_validate": n_val, "tracking_uri": uri, "mlflow_run_id": run_id,
-                                   "resume_from": resume, **(loop_extra or {})},
+                                   **(loop_extra or {})},
                 scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                              resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
                 torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
                 run_config=RunConfig(
-                    name=ctx.train_run_name or f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}",
-                    storage_path=str(workdir / "ray"),
+                    name=run_name,  # the same name and storage: Ray Train restores the latest checkpoint
+                    storage_path=storage_path,
+                    storage_filesystem=storage_fs,
                     callbacks=list(ctx.callbacks),
-                    checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=score_attr,
+                    failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+                    checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep,
+                                                       checkpoint_score_attribute=score_attr,
                                                        checkpoint_score_order="max"),
                 ),
                 datasets=datasets_fn(),
                 dataset_config=DataConfig(datasets_to_split=["train"], execution_options={"train": train_options}),
             )
-            trainer.fit()
-
-        checkpoints = find_checkpoints(workdir)
-        if not checkpoints:
+            result = trainer.fit()
+            reported = [(c, train_state(c)) for c, _ in result.best_checkpoints]
+        if not reported:
             raise RuntimeError("training produced no checkpoint")
-        best_state, best_dir = max(checkpoints, key=lambda item: (item[0].get("score", -1), item[0]["global_step"]))
+        best, best_state = max(reported, key=lambda item: (item[1].get("score", -1), item[1]["global_step"]))
+        last_state = max((state for _, state in reported), key=lambda state: state["global_step"])
+        facts["last_checkpoint_epoch"] = last_state["epoch"]
         model_dir = workdir / "model"
         if model_dir.exists():
             shutil.rmtree(model_dir)
-        shutil.copytree(best_dir / BUNDLE_DIR, model_dir)
+        with best.as_directory() as folder:  # a local folder, or a download from an object store
+            shutil.copytree(Path(folder) / BUNDLE_DIR, model_dir)
         best_name = f"best/{objective.score_key.split('/', 1)[-1]}"
         mlflow.log_metrics({best_name: best_state.get("score", float("nan")), "best/epoch": best_state["epoch"]})
         registered = cfg.tracking.registered_model if ctx.register else None

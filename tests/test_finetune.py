@@ -38,17 +38,17 @@ def test_finetune_learns_and_tracks(first_run):
     versions = client.search_model_versions("name='medfuse-cxr-diagnosis'")
     assert any(v.run_id == run.info.run_id for v in versions)
     assert (workdir / "model" / "medfuse_model.json").is_file()
-    states = [s for s, _ in finetune.find_checkpoints(workdir)]
+    states = [s for s, _ in finetune.find_checkpoints(workdir / "ray")]
     assert max(s["epoch"] for s in states) == 2
 
 
 def test_rerun_resumes_from_last_checkpoint(first_run, tiny_data):
     workdir, facts = first_run
-    before = max(s["global_step"] for s, _ in finetune.find_checkpoints(workdir))
+    before = max(s["global_step"] for s, _ in finetune.find_checkpoints(workdir / "ray"))
     cfg = load_config(CPU_EXPERIMENT, TINY_OVERRIDES + ["train.epochs=4"])
     again = finetune.run(cfg, tiny_data, workdir)
     assert again["mlflow_run_id"] == facts["mlflow_run_id"]
-    states = [s for s, _ in finetune.find_checkpoints(workdir)]
+    states = [s for s, _ in finetune.find_checkpoints(workdir / "ray")]
     last = max(states, key=lambda s: s["global_step"])
     assert last["epoch"] == 3
     steps_per_epoch = before // 3
@@ -127,21 +127,21 @@ def test_zero0_checkpoints_resume_and_refuse_other_data(tiny_data, tmp_path):
     cfg = load_config(CPU_EXPERIMENT, TINY_OVERRIDES + ["deepspeed.zero_stage=0", "train.epochs=1"])
     facts = finetune.run(cfg, tiny_data, workdir)
     assert facts["best_epoch"] == 0 and facts["model_uri"]
-    first = finetune.find_checkpoints(workdir)
+    first = finetune.find_checkpoints(workdir / "ray")
     assert [s["epoch"] for s, _ in first] == [0]
     cfg2 = load_config(CPU_EXPERIMENT, TINY_OVERRIDES + ["deepspeed.zero_stage=0", "train.epochs=2"])
     finetune.run(cfg2, tiny_data, workdir)
-    states = [s for s, _ in finetune.find_checkpoints(workdir)]
+    states = [s for s, _ in finetune.find_checkpoints(workdir / "ray")]
     assert max(s["epoch"] for s in states) == 1
     assert max(s["global_step"] for s in states) == 2 * first[0][0]["global_step"]  # continued, not restarted
 
     # a checkpoint missing a file its rank listed is not complete
-    state, folder = finetune.find_checkpoints(workdir)[-1]
+    state, folder = finetune.find_checkpoints(workdir / "ray")[-1]
     manifest = json.loads((folder / "ranks" / "rank-0.json").read_text())
     assert json.loads((folder / "ranks" / "rank-1.json").read_text())["files"] == {}  # ZeRO-0: rank 0 saves
     victim = next(f for f in manifest["files"] if f.startswith("deepspeed/"))
     (folder / victim).unlink()
-    assert folder not in [f for _, f in finetune.find_checkpoints(workdir)]
+    assert folder not in [f for _, f in finetune.find_checkpoints(workdir / "ray")]
 
     # resuming against other data is refused
     other = tmp_path / "other"
