@@ -140,6 +140,7 @@ def main(argv=None) -> int:
     p.add_argument("--score-only", action="store_true",
                    help="score the trials the sweep in --workdir has completed so far, without running it "
                         "(a partial table; rerun without this flag to resume the sweep)")
+    p.add_argument("--retry-errored", action="store_true", help="resume errored trials too")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
 
@@ -160,7 +161,7 @@ def main(argv=None) -> int:
     if args.score_only:
         facts = completed_so_far(workdir)
     else:
-        facts = sweep_mod.run(plan, data, workdir)
+        facts = sweep_mod.run(plan, data, workdir, retry_errored=args.retry_errored)
     wall = time.perf_counter() - t0
     trials = []
     for t in facts["trials"]:

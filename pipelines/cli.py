@@ -115,7 +115,7 @@ def cmd_sweep(args) -> int:
 
     plan = load_sweep(args.config, args.overrides)
     sweep.check_sweep(plan)
-    facts = sweep.run(plan, args.data, args.workdir)
+    facts = sweep.run(plan, args.data, args.workdir, retry_errored=args.retry_errored)
     print_sweep(facts)
     if not facts.get("best"):
         print(f"medfuse sweep: no trial completed ({json.dumps(facts.get('counts', {}))}); see the trials' "
@@ -192,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*",
                    help="key=value set the base experiment (train.epochs=3); sweep.KEY=VALUE the sweep "
                         "(sweep.num_samples=4, sweep.searcher.name=optuna)")
+    p.add_argument("--retry-errored", action="store_true",
+                   help="when resuming, run errored trials again from their latest checkpoint")
     p.set_defaults(fn=cmd_sweep)
 
     p = sub.add_parser("evaluate", help="score the test split: diagnosis (image-only and image+text), or "

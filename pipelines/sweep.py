@@ -19,7 +19,7 @@ Workdir layout::
 
 Re-running the same command on the same workdir resumes: finished trials are kept, unfinished
 ones continue from their latest checkpoint in their own child run; errored trials stay errored
-(start a new workdir to retry them).
+(`--retry-errored` runs them again from their own latest checkpoints).
 """
 
 from __future__ import annotations
@@ -227,9 +227,12 @@ def _changed(previous: dict, current: dict, stage: str) -> list[str]:
                   and not (k not in old and k in defaults and new.get(k) == defaults[k]))
 
 
-def run(sweep: Sweep, data_dir: str | Path, workdir: str | Path) -> dict:
+def run(sweep: Sweep, data_dir: str | Path, workdir: str | Path, retry_errored: bool = False) -> dict:
     """Run (or resume) a sweep; log the parent run, its table and plots; register the best
-    trial's model under ``sweep.alias``. Returns the sweep facts (``W/sweep.json``)."""
+    trial's model under ``sweep.alias``. Returns the sweep facts (``W/sweep.json``).
+
+    A resumed sweep keeps errored trials errored unless ``retry_errored``: then each continues
+    from its own latest checkpoint."""
     import ray
     from ray import tune
 
@@ -271,7 +274,7 @@ def run(sweep: Sweep, data_dir: str | Path, workdir: str | Path) -> dict:
     path = str(workdir / TUNE_DIR)
     if tune.Tuner.can_restore(path):
         log.info("sweep: resuming the sweep in %s", path)
-        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False)
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=retry_errored)
     else:
         n_at_once = concurrency(sweep, ray.cluster_resources())
         log.info("sweep: %d trials, %d at a time, %s scheduler, %s search on %s", sweep.config.sweep.num_samples,

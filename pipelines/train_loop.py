@@ -234,9 +234,20 @@ class _MlflowSink:
 
             self.client = mlflow.MlflowClient(tracking_uri=uri)
             self.run_id = run_id
+        self.floor = -1  # steps at or below this are already in the run's history
+
+    def resume_after(self, step: int) -> None:
+        """A restored run: steps up to the furthest one this run already logged (``step`` or,
+        when a failed attempt got further, beyond it) are not logged again, so the history
+        stays that of one continuous run."""
+        if self.client is None:
+            return
+        logged = [m.step for key in ("train/loss", "train/loss_epoch")
+                  for m in self.client.get_metric_history(self.run_id, key)]
+        self.floor = max([step, *logged])
 
     def log(self, metrics: dict, step: int) -> None:
-        if self.client is None:
+        if self.client is None or step <= self.floor:
             return
         from mlflow.entities import Metric
 
@@ -495,6 +506,8 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
             engine.load_checkpoint(d, tag=DS_TAG, load_module_strict=False)
 
     sink = _MlflowSink(loop_cfg.get("tracking_uri"), loop_cfg.get("mlflow_run_id"), rank == 0)
+    if checkpoint:
+        sink.resume_after(state["global_step"])
     generator = torch.Generator()
 
     def make(rows, train=False):
