@@ -1,4 +1,4 @@
-"""The ``medfuse`` command: synth, ingest, pretrain, finetune, sweep, evaluate, quickstart.
+"""The ``medfuse`` command: synth, ingest, pretrain, finetune, sweep, evaluate, submit, quickstart.
 
 Every sub-command calls the stage's plain ``run(...)`` function, the same one a
 ``ray job submit -- medfuse ...`` entrypoint runs on a cluster. Input and config errors exit
@@ -18,7 +18,7 @@ from medfuse_core.config import ConfigError, FinetuneConfig, IngestConfig, Pretr
 from medfuse_core.experiment import load_config
 from medfuse_core.data.deid import DeidKeyError
 from medfuse_core.data.sources import SourceError
-from pipelines.console import print_ingest, print_results, with_progress
+from pipelines.console import UsageError, print_ingest, print_results, with_progress
 
 log = logging.getLogger("medfuse")
 
@@ -26,10 +26,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 CPU_EXPERIMENT = REPO_ROOT / "experiments" / "finetune_cxr_cpu.yaml"
 EXIT_USAGE = 2
 EXIT_HEALTH = 3
-
-
-class UsageError(Exception):
-    """Bad command-line input; exits with code 2."""
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -140,6 +136,22 @@ def cmd_quickstart(args) -> int:
     return 0
 
 
+def cmd_submit(args) -> int:
+    from pipelines import submit
+
+    command = list(args.job)
+    if command and command[0] == "--":
+        command = command[1:]
+    out = submit.submit(command, build_parser(), address=args.address, code=args.code, wait=args.wait, timeout=args.timeout)
+    print(out["job_id"])
+    if args.wait:
+        sys.stdout.write(out.get("logs", "")[-20000:])
+        if out["status"] != "SUCCEEDED":
+            print(f"medfuse submit: job {out['job_id']} {out['status']}", file=sys.stderr)
+            return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medfuse", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -208,6 +220,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also log patient images (attention maps over a few test images) to the model's MLflow "
                         "run; off by default, since the store may be shared")
     p.set_defaults(fn=cmd_evaluate)
+
+    p = sub.add_parser("submit", help="run a medfuse command as a Ray job on a cluster (ray job submit)",
+                       description="medfuse submit [--address URL] [--wait] -- <medfuse command and args>")
+    p.add_argument("--address", default=None, help="the head's dashboard address, e.g. http://HEAD:8265 "
+                                                   "(default: RAY_ADDRESS)")
+    p.add_argument("--wait", action="store_true", help="follow the job to its end and print its logs")
+    p.add_argument("--timeout", type=float, default=None, help="with --wait: give up after this many seconds")
+    p.add_argument("--code", action="store_true",
+                   help="upload this checkout as the job's working directory (for images without medfuse)")
+    p.add_argument("job", nargs=argparse.REMAINDER, help="-- then the medfuse command, e.g. -- finetune --config ...")
+    p.set_defaults(fn=cmd_submit)
 
     p = sub.add_parser("quickstart", help="synth -> ingest -> finetune -> evaluate on this machine")
     p.add_argument("--workdir", default="runs/quickstart")

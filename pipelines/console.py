@@ -5,6 +5,10 @@ from __future__ import annotations
 import json
 
 
+class UsageError(Exception):
+    """Bad command-line input; the command exits with code 2."""
+
+
 def print_ingest(summary: dict) -> None:
     from rich.console import Console
     from rich.table import Table

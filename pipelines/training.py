@@ -70,10 +70,6 @@ def check_cluster_settings(cfg, storage: str, tracking_uri: str) -> None:
                           "one; start an `mlflow server` and export MLFLOW_TRACKING_URI=http://HOST:5000")
     if is_uri(storage):
         return
-    if not cfg.checkpoint.storage:
-        raise ConfigError(f"checkpoint.storage: this cluster has {len(nodes)} nodes, and the default "
-                          "<workdir>/ray is on this node only; set checkpoint.storage=s3://BUCKET/PATH or a path "
-                          "every node mounts")
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     probe = write_probe(storage, f".medfuse-probe-{uuid.uuid4().hex}")
@@ -91,11 +87,13 @@ def check_cluster_settings(cfg, storage: str, tracking_uri: str) -> None:
         Path(probe).unlink(missing_ok=True)
     blind = [n.get("NodeManagerAddress", n["NodeID"]) for n, ok in zip(nodes, seen) if not ok]
     if blind:
-        raise ConfigError(f"checkpoint.storage: {storage} is not shared: {len(blind)} of {len(nodes)} nodes "
-                          f"({', '.join(blind[:3])}) do not see it; use a path every node mounts, or s3://BUCKET/PATH")
+        where = "" if cfg.checkpoint.storage else " (the default, <workdir>/ray)"
+        raise ConfigError(f"checkpoint.storage: {storage}{where} is not shared: {len(blind)} of {len(nodes)} nodes "
+                          f"({', '.join(blind[:3])}) do not see it; put --workdir on a mount every node shares, or "
+                          "set checkpoint.storage=s3://BUCKET/PATH or a shared path")
 
 
-RESUMABLE_CHANGES = ("train.epochs", "train.log_every_steps")
+RESUMABLE_CHANGES = ("train.epochs", "train.log_every_steps", "scaling.max_failures", "checkpoint.keep")
 
 
 def config_changes(previous: dict, cfg) -> list[str]:
@@ -170,9 +168,9 @@ def run_training(stage: str, cfg, data_dir: str | Path, workdir: str | Path, *, 
     checkpoints = find_checkpoints(storage, run_name)
     latest = checkpoints[-1] if checkpoints else None
     if latest is None and facts.get("last_checkpoint_epoch") is not None:
-        raise CheckpointError(f"--workdir: the run's checkpoints are gone from {storage}/{run_name} (it had "
-                              f"reached epoch {facts['last_checkpoint_epoch'] + 1}); restore them, or train "
-                              "again in a new --workdir")
+        raise CheckpointError(f"--workdir: no complete checkpoint of this run is left in {storage}/{run_name} "
+                              f"(it had reached epoch {facts['last_checkpoint_epoch'] + 1}): they are missing or "
+                              "incomplete; restore them, or train again in a new --workdir")
     if latest and facts.get("config"):
         changed = config_changes(facts["config"], cfg)
         if changed:
