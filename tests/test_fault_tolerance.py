@@ -151,3 +151,38 @@ def test_shared_storage_fresh_workdir_and_broken_checkpoints(ray_local, tiny_dat
     shutil.rmtree(shared / first["train_run_name"])
     with pytest.raises(CheckpointError, match="no complete checkpoint"):
         finetune.run(more, tiny_data, tmp_path / "a")
+
+
+MULTI_NODE_SCRIPT = r"""
+import sys
+from ray.cluster_utils import Cluster
+import ray
+from medfuse_core.config import ConfigError
+from medfuse_core.experiment import load_config
+from pipelines.training import check_cluster_settings
+
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+cluster.add_node(num_cpus=1)
+ray.init(address=cluster.address)
+cluster.wait_for_nodes()
+cfg = load_config(sys.argv[1], [])
+try:
+    check_cluster_settings(cfg, sys.argv[2], "sqlite:///" + sys.argv[2] + "/mlflow.db")
+    print("SQLITE-ACCEPTED")
+except ConfigError as err:
+    print("SQLITE-REFUSED", err)
+check_cluster_settings(cfg, sys.argv[2], "http://mlflow.example:5000")  # both nodes see this path
+print("SHARED-ACCEPTED")
+ray.shutdown()
+cluster.shutdown()
+"""
+
+
+def test_multi_node_run_refuses_an_sqlite_store_and_probes_storage(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-c", MULTI_NODE_SCRIPT, str(CPU_EXPERIMENT), str(tmp_path)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "SQLITE-REFUSED MLFLOW_TRACKING_URI: this cluster has 2 nodes" in proc.stdout
+    assert "SHARED-ACCEPTED" in proc.stdout
+    assert not list(tmp_path.glob(".medfuse-probe-*"))  # the probe file is cleaned up
