@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_NAME")
 CODE_EXCLUDES = [".git/", "runs/", "mlruns/", "*.db", "mlartifacts/", "__pycache__/", ".venv/"]
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+AGENT_WAIT_S = 90  # how long to wait for a freshly started head's job agent
 
 
 def runtime_env(code: bool) -> dict:
@@ -64,8 +65,16 @@ def submit(command: list[str], parser, address: str | None = None, code: bool = 
         raise UsageError("--address: give the Ray head's dashboard address (e.g. --address http://HEAD:8265) "
                          "or export RAY_ADDRESS")
     client = JobSubmissionClient(address)
-    job_id = client.submit_job(entrypoint=line, runtime_env=runtime_env(code),
-                               metadata={"medfuse.command": command[0] if command[0] != "medfuse" else command[1]})
+    metadata = {"medfuse.command": command[0] if command[0] != "medfuse" else command[1]}
+    deadline = time.time() + AGENT_WAIT_S
+    while True:
+        try:
+            job_id = client.submit_job(entrypoint=line, runtime_env=runtime_env(code), metadata=metadata)
+            break
+        except RuntimeError as err:  # a head that has just started has no job agent for a few seconds
+            if "No available agent" not in str(err) or time.time() > deadline:
+                raise
+            time.sleep(2)
     echo(f"medfuse submit: job {job_id} submitted to {address}: {line}")
     out = {"job_id": job_id, "status": str(client.get_job_status(job_id).value)}
     if not wait:
