@@ -53,6 +53,12 @@ def test_submit_a_tiny_finetune_to_a_token_authenticated_head(tiny_data, capsys)
     env.pop("RAY_ADDRESS", None)
     head = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--num-cpus", "2",
                            "--port", str(_free_port()), "--dashboard-port", str(dashboard),
+                           # every port its own: the session's cluster already holds Ray's defaults (52365, ...)
+                           "--dashboard-agent-listen-port", str(_free_port()),
+                           "--dashboard-agent-grpc-port", str(_free_port()),
+                           "--metrics-export-port", str(_free_port()),
+                           "--runtime-env-agent-port", str(_free_port()),
+                           "--ray-client-server-port", str(_free_port()),
                            "--include-dashboard", "true", "--temp-dir", temp, "--disable-usage-stats"],
                           env=env, capture_output=True, text=True, timeout=180)
     assert head.returncode == 0, head.stdout + head.stderr
