@@ -46,6 +46,21 @@ def quiet_third_party() -> None:
         pass
 
 
+def _env_not_set_by_job(env: dict[str, str]) -> dict[str, str]:
+    """Inside a Ray job (``ray job submit`` / ``medfuse submit``), the variables the job's runtime env
+    does not set already: Ray refuses to merge a driver's runtime env that repeats a job's key."""
+    import json
+
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return env
+    try:
+        job_env = (json.loads(raw).get("runtime_env") or {}).get("env_vars") or {}
+    except (ValueError, AttributeError):
+        return env
+    return {k: v for k, v in env.items() if k not in job_env}
+
+
 def init_ray(num_cpus: int | None = None) -> None:
     """Connect to the Ray cluster named by RAY_ADDRESS, or start a local one.
 
@@ -57,7 +72,7 @@ def init_ray(num_cpus: int | None = None) -> None:
         return
     quiet_third_party()
     kwargs = dict(
-        runtime_env={"env_vars": worker_env()},
+        runtime_env={"env_vars": _env_not_set_by_job(worker_env())},
         log_to_driver=True,
         logging_level=logging.WARNING,
         configure_logging=True,

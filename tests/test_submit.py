@@ -96,3 +96,14 @@ def _stop_head(temp: str) -> None:
                 proc.kill()
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
+
+
+def test_driver_inside_a_job_does_not_repeat_the_jobs_env_keys(monkeypatch):
+    """Ray refuses a driver runtime env that repeats a key of the job's runtime env."""
+    from pipelines.runtime import _env_not_set_by_job, worker_env
+
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": runtime_env(code=False)}))
+    env = _env_not_set_by_job(worker_env())
+    assert "HF_HUB_OFFLINE" not in env and set(env) < set(worker_env())
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    assert _env_not_set_by_job(worker_env()) == worker_env()
