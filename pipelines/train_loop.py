@@ -19,7 +19,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from pipelines.checkpoints import BUNDLE_DIR, RANKS_DIR, TRAIN_STATE, check_complete, write_rank_manifest  # noqa: F401
+from pipelines.checkpoints import BUNDLE_DIR, TRAIN_STATE, check_complete, write_rank_manifest
 
 DS_TAG = "deepspeed"
 

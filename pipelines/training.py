@@ -41,7 +41,7 @@ def state_file(stage: str) -> str:
     return f"{stage}.json"
 
 
-def ctx_run_name(context, stage: str, workdir: Path, cfg) -> str:
+def _first_run_name(context, stage: str, workdir: Path, cfg) -> str:
     """The Ray Train run name for a workdir's first run (kept in its facts for every later run).
 
     A sweep trial's context gives a stable name; a workdir trained before names were kept
@@ -164,7 +164,7 @@ def run_training(stage: str, cfg, data_dir: str | Path, workdir: str | Path, *, 
     facts = json.loads(facts_path.read_text()) if facts_path.exists() else {}
 
     storage = cfg.checkpoint.storage or str(workdir / "ray")
-    run_name = facts.get("train_run_name") or ctx_run_name(context, stage, workdir, cfg)
+    run_name = facts.get("train_run_name") or _first_run_name(context, stage, workdir, cfg)
     checkpoints = find_checkpoints(storage, run_name)
     latest = checkpoints[-1] if checkpoints else None
     if latest is None and facts.get("last_checkpoint_epoch") is not None:

@@ -62,7 +62,7 @@ CONNECTORS.register("prefix")(PrefixProjector)
 CONNECTORS.register("cross_attention")(QueryResampler)
 
 
-@dataclass
+@dataclass(frozen=True)
 class DecodingConfig:
     """Decoding settings passed to ``generate``."""
 
