@@ -234,25 +234,27 @@ class _MlflowSink:
 
             self.client = mlflow.MlflowClient(tracking_uri=uri)
             self.run_id = run_id
-        self.floor = -1  # steps at or below this are already in the run's history
+        self.floors: dict[str, int] = {}  # per key: steps at or below this are already in the run's history
 
-    def resume_after(self, step: int) -> None:
-        """A restored run: steps up to the furthest one this run already logged (``step`` or,
-        when a failed attempt got further, beyond it) are not logged again, so the history
-        stays that of one continuous run."""
+    def resume_after(self) -> None:
+        """A restored run: a (key, step) this run already logged, before the checkpoint or by a
+        failed attempt that got further, is not logged again, so the history stays that of one
+        continuous run. Per key: an attempt killed between an epoch's last loss and its
+        validation logged the one but not the other."""
         if self.client is None:
             return
-        logged = [m.step for key in ("train/loss", "train/loss_epoch")
-                  for m in self.client.get_metric_history(self.run_id, key)]
-        self.floor = max([step, *logged])
+        for key in self.client.get_run(self.run_id).data.metrics:
+            steps = [m.step for m in self.client.get_metric_history(self.run_id, key)]
+            self.floors[key] = max(steps, default=-1)
 
     def log(self, metrics: dict, step: int) -> None:
-        if self.client is None or step <= self.floor:
+        if self.client is None:
             return
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if v == v]
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
+                 if v == v and step > self.floors.get(k, -1)]
         if batch:
             self.client.log_batch(self.run_id, metrics=batch)
 
@@ -507,7 +509,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
 
     sink = _MlflowSink(loop_cfg.get("tracking_uri"), loop_cfg.get("mlflow_run_id"), rank == 0)
     if checkpoint:
-        sink.resume_after(state["global_step"])
+        sink.resume_after()
     generator = torch.Generator()
 
     def make(rows, train=False):
