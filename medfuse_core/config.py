@@ -317,7 +317,76 @@ class PretrainConfig(_Section):
     tracking: TrackingConfig = TrackingConfig(registered_model="medfuse-cxr-pretrain")
 
 
-STAGE_SCHEMAS = {"finetune": FinetuneConfig, "pretrain": PretrainConfig}
+class ReportDataConfig(_Section):
+    """How shards become (image, context) -> report pairs (report generation)."""
+
+    image_size: int = Field(128, ge=16, le=2048)
+    # the target: these de-identified sections, each under its header ("FINDINGS: ... IMPRESSION: ...")
+    text_sections: list[Literal["findings", "impression"]] = Field(
+        default_factory=lambda: ["findings", "impression"], min_length=1)
+    use_context: bool = True  # condition on the clinical context (INDICATION / history) when a study has one
+    context_dropout: float = Field(0.3, ge=0.0, le=1.0)  # train-time chance to hide the context
+    max_context_tokens: int = Field(32, ge=4, le=512)
+    max_report_tokens: int = Field(96, ge=8, le=2048)
+    allow_resize: bool = False
+    augment: bool = True
+
+
+class ConnectorConfig(_Section):
+    """How image features reach the language model, by name from ``models.report.CONNECTORS``."""
+
+    name: str = "prefix"  # prefix: an MLP per vision token (LLaVA); cross_attention: learned queries (resampler)
+    num_queries: int = Field(16, ge=1)  # cross_attention: tokens the LM reads
+    heads: int = Field(4, ge=1)
+
+
+class ReportModelConfig(_Section):
+    """Vision encoder, connector and causal language model (by name or local path)."""
+
+    vision: VisionConfig = VisionConfig()
+    # any transformers causal LM; "minilm" = the packaged MiniLM loaded as a decoder (BERT with is_decoder)
+    lm: TextConfig = TextConfig(max_tokens=96)
+    connector: ConnectorConfig = ConnectorConfig()
+
+    @model_validator(mode="after")
+    def _needs_lm(self) -> "ReportModelConfig":
+        if not self.lm.enabled:
+            raise ValueError("lm.name_or_path: report generation needs a language model, not 'none'")
+        return self
+
+
+class DecodingSettings(_Section):
+    """Decoding settings for drafts (``medfuse report``, ``generate``, ``evaluate``)."""
+
+    max_new_tokens: int = Field(96, ge=1, le=2048)
+    num_beams: int = Field(1, ge=1)
+    do_sample: bool = False
+    temperature: float = Field(1.0, gt=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, gt=0.0)
+    no_repeat_ngram_size: int = Field(0, ge=0)
+    seed: int = 0  # sampling's random stream
+
+
+class ReportConfig(_Section):
+    """A report-generation experiment (``medfuse train-report``)."""
+
+    name: str = "report"
+    # start from a stage-1 model (its vision encoder) or an earlier report model (everything that
+    # fits: vision encoder, connector, LM): a workdir, a bundle folder, an MLflow run id or models:/ URI
+    init_from: Optional[str] = None
+    objective: ObjectiveConfig = ObjectiveConfig(name="report_lm")
+    data: ReportDataConfig = ReportDataConfig()
+    model: ReportModelConfig = ReportModelConfig()
+    decoding: DecodingSettings = DecodingSettings()
+    train: TrainConfig = TrainConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    tracking: TrackingConfig = TrackingConfig(registered_model="medfuse-cxr-report")
+
+
+STAGE_SCHEMAS = {"finetune": FinetuneConfig, "pretrain": PretrainConfig, "report": ReportConfig}
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:

@@ -24,6 +24,10 @@ def registry_problems(cfg: BaseModel) -> list[str]:
     checks = []
     if model is not None and getattr(model, "vision", None) is not None:
         checks.append(("model.vision.name", model.vision.name, VISION_ENCODERS))
+    if model is not None and getattr(model, "connector", None) is not None:
+        from medfuse_core.models.report import CONNECTORS
+
+        checks.append(("model.connector.name", model.connector.name, CONNECTORS))
     if model is not None and getattr(model, "fusion", None) is not None:
         checks.append(("model.fusion.name", model.fusion.name, FUSION_MODULES))
     for key, name, registry in checks:
@@ -31,7 +35,9 @@ def registry_problems(cfg: BaseModel) -> list[str]:
             problems.append(f"{key}: unknown {registry.kind} {name!r}; choose one of {registry.names()}")
     objective = getattr(cfg, "objective", None)
     if objective is not None:
-        stage = "pretrain" if type(cfg).__name__ == "PretrainConfig" else "finetune"
+        from medfuse_core.config import STAGE_SCHEMAS
+
+        stage = next((k for k, v in STAGE_SCHEMAS.items() if isinstance(cfg, v)), "finetune")
         names = [n for n in OBJECTIVES.names() if OBJECTIVES.get(n).stage == stage]
         if objective.name not in names:
             problems.append(f"objective.name: {objective.name!r} is not a {stage} objective; choose one of {names}")

@@ -97,7 +97,7 @@ class SweepConfig(_Section):
     """A sweep experiment file."""
 
     name: str = "sweep"
-    stage: Literal["finetune", "pretrain"] = "finetune"
+    stage: Literal["finetune", "pretrain", "report"] = "finetune"
     base: Optional[str] = None  # the base experiment, relative to the sweep file (None: the stage's defaults)
     overrides: dict[str, Any] = Field(default_factory=dict)  # dotted key -> value, fixed for every trial
     sweep: SweepSection

@@ -1,4 +1,4 @@
-"""The ``medfuse`` command: synth, ingest, pretrain, finetune, sweep, evaluate, submit, quickstart.
+"""The ``medfuse`` command: synth, ingest, pretrain, finetune, train-report, sweep, evaluate, report, generate, submit, quickstart.
 
 Every sub-command calls the stage's plain ``run(...)`` function, the same one a
 ``ray job submit -- medfuse ...`` entrypoint runs on a cluster. Input and config errors exit
@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from medfuse_core.config import ConfigError, FinetuneConfig, IngestConfig, PretrainConfig
+from medfuse_core.config import ConfigError, FinetuneConfig, IngestConfig, PretrainConfig, ReportConfig
 from medfuse_core.experiment import load_config
 from medfuse_core.data.deid import DeidKeyError
 from medfuse_core.data.sources import SourceError
@@ -104,6 +104,33 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
+def cmd_train_report(args) -> int:
+    from pipelines import train_report
+
+    cfg = load_config(args.config, args.overrides, schema=ReportConfig)
+    facts = train_report.run(cfg, args.data, args.workdir)
+    print(json.dumps({k: facts[k] for k in ("mlflow_run_id", "best_epoch", "score_key", "best_score", "model_dir",
+                                            "model_uri")}, indent=2))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from pipelines import report_drafts
+
+    if not Path(args.dicom).is_file():
+        raise UsageError(f"--dicom: {args.dicom} is not a file")
+    print(report_drafts.report_one(args.model, args.dicom, args.context, args.overrides))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from pipelines import report_drafts
+
+    out = report_drafts.generate(args.model, args.data, args.split, args.out, args.overrides)
+    print(json.dumps(out, indent=2))
+    return 0
+
+
 def cmd_sweep(args) -> int:
     from medfuse_core.sweep_config import load_sweep
     from pipelines import sweep
@@ -123,7 +150,8 @@ def cmd_sweep(args) -> int:
 def cmd_evaluate(args) -> int:
     from pipelines import evaluate
 
-    result = evaluate.run(args.model, args.data, args.out, log_images=args.log_images, prompts=args.prompts)
+    result = evaluate.run(args.model, args.data, args.out, log_images=args.log_images, prompts=args.prompts,
+                          overrides=args.overrides)
     print_results(result)
     return 0
 
@@ -196,6 +224,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="key=value overrides, e.g. train.epochs=3 init_from=PRETRAIN_WORKDIR data.label_fraction=0.1")
     p.set_defaults(fn=cmd_finetune)
 
+    p = sub.add_parser("train-report", help="train a report generator: image (+ context) -> FINDINGS + IMPRESSION "
+                                            "(Ray Train + DeepSpeed)")
+    p.add_argument("--config", required=True, help="e.g. experiments/report_cxr_cpu.yaml")
+    p.add_argument("--data", required=True)
+    p.add_argument("--workdir", required=True)
+    p.add_argument("overrides", nargs="*",
+                   help="key=value overrides, e.g. init_from=PRETRAIN_WORKDIR model.lm.lora.r=8 train.epochs=3")
+    p.set_defaults(fn=cmd_train_report)
+
+    p = sub.add_parser("report", help="draft the report (FINDINGS + IMPRESSION) for one DICOM file")
+    p.add_argument("--model", required=True, help="train-report workdir, bundle folder, MLflow run id or model URI")
+    p.add_argument("--dicom", required=True)
+    p.add_argument("--context", default=None, help="clinical context (indication) text, if any")
+    p.add_argument("overrides", nargs="*", help="decoding.KEY=VALUE, e.g. decoding.num_beams=3")
+    p.set_defaults(fn=cmd_report)
+
+    p = sub.add_parser("generate", help="draft a report for every image of a split into a CSV (record_id, report)")
+    p.add_argument("--model", required=True, help="train-report workdir, bundle folder, MLflow run id or model URI")
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", default="test", choices=["train", "validate", "test"])
+    p.add_argument("--out", required=True, help="CSV file to write")
+    p.add_argument("overrides", nargs="*", help="decoding.KEY=VALUE, e.g. decoding.num_beams=3")
+    p.set_defaults(fn=cmd_generate)
+
     p = sub.add_parser("sweep", help="Ray Tune sweep over experiment keys (each trial a Ray Train + DeepSpeed run); "
                                      "re-running the same workdir resumes it")
     p.add_argument("--config", required=True, help="sweep file, e.g. experiments/sweep_fusion_cpu.yaml")
@@ -208,8 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="when resuming, run errored trials again from their latest checkpoint")
     p.set_defaults(fn=cmd_sweep)
 
-    p = sub.add_parser("evaluate", help="score the test split: diagnosis (image-only and image+text), or "
-                                        "zero-shot and retrieval for a pretrained model")
+    p = sub.add_parser("evaluate", help="score the test split: diagnosis (image-only and image+text), "
+                                        "zero-shot and retrieval for a pretrained model, drafts for a report model")
     p.add_argument("--model", required=True,
                    help="pretrain/finetune workdir, bundle folder, MLflow run id or model URI")
     p.add_argument("--prompts", default=None,
@@ -219,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-images", action="store_true",
                    help="also log patient images (attention maps over a few test images) to the model's MLflow "
                         "run; off by default, since the store may be shared")
+    p.add_argument("overrides", nargs="*", help="report models: decoding.KEY=VALUE, e.g. decoding.num_beams=3")
     p.set_defaults(fn=cmd_evaluate)
 
     p = sub.add_parser("submit", help="run a medfuse command as a Ray job on a cluster (ray job submit)",

@@ -25,6 +25,20 @@ def print_results(result: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    if result.get("kind") == "report":
+        rg = result["report_generation"]
+        ce = rg["clinical_efficacy"]
+        table = Table(title=f"report model, test split ({result['n_test']} drafts)")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for key in ("bleu4", "rouge_l", "findings_and_impression_rate"):
+            table.add_row(key, f"{rg[key]:.3f}")
+        for key in ("f1_micro_14", "f1_macro_14", "f1_micro_5", "f1_macro_5"):
+            table.add_row(f"clinical {key}", f"{ce[key]:.3f}")
+        table.add_row("drafts with text to redact", str(rg["phi_suspect_drafts"]))
+        Console().print(table)
+        return
+
     if result.get("kind") == "contrastive":
         zs, rt = result["zero_shot"], result["retrieval"]
         table = Table(title=f"pretrained model, test split ({result['n_test']} images)")
@@ -87,3 +101,41 @@ def with_progress(title: str, fn):
         return fn(cb)
 
 
+
+
+class progress_bar:
+    """``with progress_bar("generate", total) as advance: advance(n)``: a rich bar on a terminal
+    (``MEDFUSE_PROGRESS=0`` turns it off), else a log line every tenth of the total."""
+
+    def __init__(self, title: str, total: int | None):
+        import os
+        import sys
+
+        self.title, self.total, self.done, self._next = title, total, 0, 0.1
+        self._progress = None
+        if os.environ.get("MEDFUSE_PROGRESS", "1") != "0" and sys.stderr.isatty():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+            self._progress = Progress("[progress.description]{task.description}", BarColumn(),
+                                      MofNCompleteColumn(), TimeElapsedColumn())
+
+    def __enter__(self):
+        if self._progress is not None:
+            self._progress.start()
+            self._task = self._progress.add_task(self.title, total=self.total)
+        return self.advance
+
+    def advance(self, n: int) -> None:
+        import logging
+
+        self.done += n
+        if self._progress is not None:
+            self._progress.update(self._task, completed=self.done)
+        elif self.total and self.done >= self._next * self.total:
+            logging.getLogger("medfuse").info("%s: %d of %d", self.title, self.done, self.total)
+            self._next = (int(self.done * 10 / self.total) + 1) / 10
+
+    def __exit__(self, *exc):
+        if self._progress is not None:
+            self._progress.stop()
+        return False

@@ -227,11 +227,12 @@ def metrics_from_scores(parts: dict, names: list[str]) -> dict:
 
 
 def run(model_ref: str, data_dir: str | Path, out: str | Path, log_images: bool = False,
-        prompts: str | None = None) -> dict:
+        prompts: str | None = None, overrides=()) -> dict:
     """Evaluate and write the metrics JSON; returns it.
 
     ``log_images`` (off by default) also logs patient images (attention maps over a few test
-    images) to the model's MLflow run; without it no such figure is made.
+    images) to the model's MLflow run; without it no such figure is made. ``overrides``
+    (``decoding.KEY=VALUE``) change a report model's decoding settings.
     """
     import mlflow
 
@@ -251,6 +252,16 @@ def run(model_ref: str, data_dir: str | Path, out: str | Path, log_images: bool 
 
             init_ray()
             return evaluate_pretrained.run(bundle_dir, facts, model_ref, data_dir, summary, Path(out), prompts)
+        if meta.get("kind") == "report":  # drafts scored under report_generation
+            from medfuse_core.evaluation.report_inference import decoding_settings
+            from medfuse_core.models.bundle import load_bundle
+            from pipelines import evaluate_report
+
+            decoding_settings(load_bundle(bundle_dir), overrides)  # a bad override fails before any work
+            init_ray()
+            return evaluate_report.run(bundle_dir, facts, model_ref, data_dir, summary, Path(out), overrides)
+        if overrides:
+            raise SourceError(f"{overrides[0]}: settings apply to a report model only")
         names = meta["label_names"]
         blank_policy = (meta.get("extra") or {}).get("blank_policy", "negative")
         init_ray()

@@ -12,11 +12,12 @@ import logging
 import tempfile
 from pathlib import Path
 
-from medfuse_core.config import ConfigError, FinetuneConfig
+from medfuse_core.config import FinetuneConfig
 from medfuse_core.data.sources import SourceError
 from pipelines.ingest import load_summary
 from pipelines.shards import DIAGNOSIS_COLUMNS, count_fraction, read_fraction, read_split
-from pipelines.training import check_image_size, config_changes, find_checkpoints, run_training  # noqa: F401
+from pipelines.training import (check_image_size, config_changes, find_checkpoints, prepare_init_from,  # noqa: F401
+                                run_training)
 
 log = logging.getLogger("medfuse")
 
@@ -75,53 +76,16 @@ def check_data(cfg: FinetuneConfig, summary: dict, data_dir: str | Path | None =
     return n_train, n_val
 
 
-def resolve_init_from(cfg: FinetuneConfig, tmp: Path) -> tuple[Path, dict]:
-    """The stage-1 bundle ``init_from`` names, checked against this model's encoders; and its lineage."""
-    from medfuse_core.models.bundle import read_bundle_meta
-    from pipelines.model_refs import resolve_model
-
-    try:
-        bundle, facts = resolve_model(cfg.init_from, tmp, option="init_from")
-    except FileNotFoundError as exc:
-        raise ConfigError(str(exc)) from None
-    except Exception as exc:  # an unknown run id or URI
-        raise ConfigError(f"init_from: cannot find a model at {cfg.init_from!r} ({type(exc).__name__}); pass a "
-                          "pretrain workdir, a bundle folder, a run id or a models:/ URI") from None
-    meta = read_bundle_meta(bundle)
-    theirs = meta.get("model_config", {})
-    for key, mine in (("vision.name", cfg.model.vision.name), ("vision.in_channels", cfg.model.vision.in_channels),
-                      ("text.name_or_path", cfg.model.text.name_or_path)):
-        section, name = key.split(".")
-        other = theirs.get(section, {}).get(name)
-        if other != mine:
-            raise ConfigError(f"init_from: the pretrained model has model.{key}={other!r}, this experiment "
-                              f"model.{key}={mine!r}; set model.{key}={other!r}")
-    if int(meta.get("image_size", 0)) != cfg.data.image_size:
-        log.warning("finetune: the pretrained model saw %s-px images, this run trains at %d px",
-                    meta.get("image_size"), cfg.data.image_size)
-    lineage = {"init_from": cfg.init_from, "init_from_kind": meta.get("kind", "diagnosis"),
-               "init_from_run_id": facts.get("mlflow_run_id"), "init_from_tracking_uri": facts.get("tracking_uri"),
-               "init_from_data_digest": facts.get("data_digest"), "init_from_model_uri": facts.get("model_uri")}
-    return bundle, {k: v for k, v in lineage.items() if v is not None}
-
-
 def run(cfg: FinetuneConfig, data_dir: str | Path, workdir: str | Path, context=None) -> dict:
     """Train (or resume) and log/register the best model; returns the run facts."""
     data_dir = Path(data_dir)
     summary = load_summary(data_dir)
     n_train, n_val = check_data(cfg, summary, data_dir)
     with tempfile.TemporaryDirectory(prefix="medfuse-init-") as tmp:
-        loop_extra, tags, lineage = {}, {}, {}
-        if cfg.init_from:
-            bundle, lineage = resolve_init_from(cfg, Path(tmp))
-            saved = Path(workdir).resolve() / "init_from"  # kept beside the run: a resume needs the same weights
-            if not saved.exists():
-                import shutil
-
-                saved.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copytree(bundle, saved)
-            loop_extra["init_from_bundle"] = str(saved)
-            tags = {f"medfuse.{k}": str(v) for k, v in lineage.items()}
+        loop_extra, tags, lineage = prepare_init_from(
+            cfg, workdir, Path(tmp), [("vision.name", cfg.model.vision.name),
+                                      ("vision.in_channels", cfg.model.vision.in_channels),
+                                      ("text.name_or_path", cfg.model.text.name_or_path)])
         if cfg.data.label_fraction < 1.0:
             tags["medfuse.label_fraction"] = str(cfg.data.label_fraction)
         return run_training("finetune", cfg, data_dir, workdir, summary=summary,

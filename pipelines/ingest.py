@@ -100,12 +100,13 @@ def _process_batch(batch: dict, cfg_json: str, ps: Pseudonymizer, outcomes_dir: 
 
 def _n_blocks(n_records: int, rows_per_shard: int) -> int:
     """Blocks of about ``rows_per_shard`` records (one shard file per split each: the fused map +
-    write task holds one block's images), but at least eight per CPU so small corpora still use
-    every core."""
+    write task holds one block's images), but at least two per CPU so small corpora still use
+    every core (eight per CPU measured 15% slower on 200 rows: more task start-up and finalisation
+    than overlap; docs/performance.md)."""
     import ray
 
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    return max(1, -(-n_records // rows_per_shard), min(-(-n_records // _BATCH), 8 * cpus))
+    return max(1, -(-n_records // rows_per_shard), min(-(-n_records // _BATCH), 2 * cpus))
 
 
 def _one_thread() -> None:

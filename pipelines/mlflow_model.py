@@ -3,7 +3,8 @@
 ``predict`` takes a DataFrame with ``image`` (a size x size grid of [0,1] floats, nested
 lists or a flat list) and optional ``context`` (clinical-context text; empty or missing means
 image-only) and returns one probability column per finding label; a stage-1 (contrastive)
-bundle returns each image's embedding in an ``embedding`` column.
+bundle returns each image's embedding in an ``embedding`` column, a report model a draft
+(FINDINGS + IMPRESSION) in a ``report`` column.
 """
 
 from __future__ import annotations
@@ -30,6 +31,12 @@ class MedfusePyfunc(mlflow.pyfunc.PythonModel):
             from medfuse_core.evaluation.embeddings import embed_images
 
             return pd.DataFrame({"embedding": list(embed_images(self.bundle, images))})
+        if self.bundle.kind == "report":
+            from medfuse_core.evaluation.report_inference import decoding_settings, draft_images
+
+            texts = [c if isinstance(c, str) else "" for c in model_input["context"]] if "context" in model_input else None
+            drafts = draft_images(self.bundle, list(images), texts, decoding_settings(self.bundle))
+            return pd.DataFrame({"report": drafts})
         texts = list(model_input["context"]) if "context" in model_input else [""] * len(images)
         probs = predict_probabilities(self.bundle, images, texts)
         return pd.DataFrame(probs, columns=self.bundle.label_names)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pipelines import tracking
 
-STAGE_FACTS = ("finetune.json", "pretrain.json")
+STAGE_FACTS = {"finetune.json": "finetune", "pretrain.json": "pretrain", "report.json": "train-report"}
 
 
 def resolve_model(ref: str, tmp: Path, option: str = "--model") -> tuple[Path, dict]:
@@ -21,11 +21,11 @@ def resolve_model(ref: str, tmp: Path, option: str = "--model") -> tuple[Path, d
                 facts = json.loads((path / name).read_text())
                 if not (path / "model" / "medfuse_model.json").is_file():
                     raise FileNotFoundError(f"{option}: {ref} holds no trained model yet (model/ is missing); "
-                                            f"finish the run with `medfuse {name[:-5]} ... --workdir {ref}`")
+                                            f"finish the run with `medfuse {STAGE_FACTS[name]} ... --workdir {ref}`")
                 return path / "model", facts
         if (path / "medfuse_model.json").is_file():
             return path, {}
-        raise FileNotFoundError(f"{option}: {ref} is neither a pretrain/finetune workdir nor a model bundle")
+        raise FileNotFoundError(f"{option}: {ref} is neither a pretrain, finetune or train-report workdir nor a model bundle")
     uri = ref if re.match(r"^[a-z]+:/", ref) else f"runs:/{ref}/model"
     bundle = tracking.bundle_dir_from_model_uri(uri, tmp)
     facts = {"model_uri": uri}

@@ -196,9 +196,9 @@ def run_trial(params: dict, ctx: dict) -> None:
 
 
 def _stage_module(stage: str):
-    from pipelines import finetune, pretrain
+    from pipelines import finetune, pretrain, train_report
 
-    return {"finetune": finetune, "pretrain": pretrain}[stage]
+    return {"finetune": finetune, "pretrain": pretrain, "report": train_report}[stage]
 
 
 def _check_data(sweep: Sweep, data_dir: Path) -> str:
@@ -208,7 +208,7 @@ def _check_data(sweep: Sweep, data_dir: Path) -> str:
     if sweep.stage == "finetune":
         _stage_module("finetune").check_data(sweep.base, summary, data_dir)
     else:
-        _stage_module("pretrain").check_data(sweep.base, summary)
+        _stage_module(sweep.stage).check_data(sweep.base, summary)
     return summary["digest"]
 
 

@@ -383,28 +383,6 @@ def _validate(engine, loader_fn, world: int, rank: int, make, objective) -> dict
     return {k: np.concatenate([g[k] for g in shares]) for k in shares[0]} if shares else {}
 
 
-def load_encoder_weights(model: torch.nn.Module, bundle_dir: str) -> int:
-    """Copy the vision and text encoder weights of a (stage-1) bundle into ``model`` by name;
-    returns how many tensors were copied. Every encoder tensor of the bundle must match."""
-    from safetensors.torch import load_file
-
-    from medfuse_core.models.bundle import WEIGHTS_FILE
-    from medfuse_core.models.contrastive import encoder_state
-
-    source = encoder_state(load_file(os.path.join(bundle_dir, WEIGHTS_FILE)))
-    own = model.state_dict()
-    bad = [k for k, v in source.items() if k not in own or own[k].shape != v.shape]
-    if bad or not source:
-        raise RuntimeError(f"init_from: {len(bad)} of {len(source)} encoder tensors do not fit this model "
-                           "(another vision encoder or text encoder); pretrain with the same model.vision "
-                           "and model.text settings")
-    missing = [k for k in own if k.startswith(("vision_encoder.", "text_encoder.")) and k not in source]
-    if missing:
-        raise RuntimeError(f"init_from: the pretrained model lacks {len(missing)} encoder tensors this model has")
-    model.load_state_dict(source, strict=False)
-    return len(source)
-
-
 def train_loop_per_worker(loop_cfg: dict) -> None:
     """Ray Train entry point for every stage; ``loop_cfg`` holds the stage, the resolved config as
     JSON and run facts. The stage's objective (``cfg.objective.name``) supplies the model, the
@@ -471,11 +449,10 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
               f"DeepSpeed runs stage {zero_stage} (the same optimisation, fewer copies)", flush=True)
 
     labels = list(cfg.data.labels) if objective.stage == "finetune" else []
-    model = objective.build_model()
-    if loop_cfg.get("init_from_bundle") and not checkpoint:  # a resumed run has its own weights
-        n = load_encoder_weights(model, loop_cfg["init_from_bundle"])
-        if rank == 0:
-            print(f"[medfuse] init_from: {n} encoder tensors from the pretrained model", flush=True)
+    # a resumed run has its own weights
+    model, n = objective.initial_model(None if checkpoint else loop_cfg.get("init_from_bundle"))
+    if n and rank == 0:
+        print(f"[medfuse] init_from: {n} tensors from the starting model", flush=True)
     tokenizer = objective.tokenizer()
     text_encoder = getattr(model, "text_encoder", None)
     if zero_stage == 3 and getattr(text_encoder, "cache_rows", 0):

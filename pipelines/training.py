@@ -1,7 +1,7 @@
 """The driver every training stage shares: resume detection, the MLflow run, the TorchTrainer
 (gloo on CPU, NCCL on GPU) over the one training loop, best-checkpoint selection, model logging.
 
-Workdir layout (``<stage>`` is ``pretrain`` or ``finetune``)::
+Workdir layout (``<stage>`` is ``pretrain``, ``finetune`` or ``report``)::
 
     W/ray/<run>/checkpoint_*/      Ray Train checkpoints (DeepSpeed shards, bundle/, train_state.json);
                                    ``checkpoint.storage`` puts them elsewhere (shared path, s3://, gs://)
@@ -117,6 +117,48 @@ def check_image_size(cfg, summary: dict) -> None:
                     cfg.name, stored, cfg.data.image_size)
 
 
+def prepare_init_from(cfg, workdir: str | Path, tmp: Path, checks: list[tuple[str, object]]):
+    """Resolve ``cfg.init_from`` (a workdir, bundle folder, run id or models:/ URI), refuse a
+    model whose ``model.<key>`` differs from this experiment's for each ``(key, value)`` in
+    ``checks`` (a key the starting model lacks is not compared), and copy it to ``W/init_from/``
+    (a resume needs the same weights). Returns ``(loop_extra, tags, lineage)``; empty without
+    ``init_from``."""
+    from medfuse_core.models.bundle import read_bundle_meta
+    from pipelines.model_refs import resolve_model
+
+    if not cfg.init_from:
+        return {}, {}, {}
+    try:
+        bundle, facts = resolve_model(cfg.init_from, tmp, option="init_from")
+    except FileNotFoundError as exc:
+        raise ConfigError(str(exc)) from None
+    except Exception as exc:  # an unknown run id or URI
+        raise ConfigError(f"init_from: cannot find a model at {cfg.init_from!r} ({type(exc).__name__}); pass a "
+                          "training workdir, a bundle folder, a run id or a models:/ URI") from None
+    meta = read_bundle_meta(bundle)
+    theirs = meta.get("model_config", {})
+    for key, mine in checks:
+        section, name = key.split(".")
+        if section not in theirs:
+            continue
+        other = theirs[section].get(name)
+        if other != mine:
+            raise ConfigError(f"init_from: the starting model has model.{key}={other!r}, this experiment "
+                              f"model.{key}={mine!r}; set model.{key}={other!r}")
+    if int(meta.get("image_size", 0)) != cfg.data.image_size:
+        log.warning("%s: the starting model saw %s-px images, this run trains at %d px",
+                    cfg.name, meta.get("image_size"), cfg.data.image_size)
+    lineage = {"init_from": cfg.init_from, "init_from_kind": meta.get("kind", "diagnosis"),
+               "init_from_run_id": facts.get("mlflow_run_id"), "init_from_tracking_uri": facts.get("tracking_uri"),
+               "init_from_data_digest": facts.get("data_digest"), "init_from_model_uri": facts.get("model_uri")}
+    lineage = {k: v for k, v in lineage.items() if v is not None}
+    saved = Path(workdir).resolve() / "init_from"
+    if not saved.exists():
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(bundle, saved)
+    return {"init_from_bundle": str(saved)}, {f"medfuse.{k}": str(v) for k, v in lineage.items()}, lineage
+
+
 @dataclass
 class RunContext:
     """Where a run is tracked when it is part of something larger (a sweep trial).
@@ -158,7 +200,7 @@ def run_training(stage: str, cfg, data_dir: str | Path, workdir: str | Path, *, 
     data_dir, workdir = Path(data_dir), Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     facts_path = workdir / state_file(stage)
-    other = [s for s in ("pretrain", "finetune") if s != stage and (workdir / state_file(s)).exists()]
+    other = [s for s in ("pretrain", "finetune", "report") if s != stage and (workdir / state_file(s)).exists()]
     if other:
         raise SourceError(f"--workdir: {workdir} holds a {other[0]} run; give each stage its own workdir")
     facts = json.loads(facts_path.read_text()) if facts_path.exists() else {}

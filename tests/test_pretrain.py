@@ -83,7 +83,7 @@ def test_encoder_weights_reach_the_diagnosis_model(pretrained):
     from safetensors.torch import load_file
 
     from medfuse_core.models import build_model
-    from pipelines.train_loop import load_encoder_weights
+    from medfuse_core.models.bundle import load_encoder_weights
 
     workdir, _ = pretrained
     cfg = load_config(CPU_EXPERIMENT, TINY_OVERRIDES + ["model.text.trainable_layers=1"])

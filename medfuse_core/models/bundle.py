@@ -3,10 +3,10 @@
 A bundle directory holds::
 
     model.safetensors     full model state dict (no pickle)
-    medfuse_model.json    kind ("diagnosis" or "contrastive"), model config, label names (none
-                          for a stage-1 contrastive model), image size, extra (e.g. thresholds)
-    text_encoder/         tokenizer files + the transformers config of the text encoder
-                          (absent for an image-only model: ``model.text.name_or_path: none``)
+    medfuse_model.json    kind ("diagnosis", "contrastive" or "report"), model config, label names
+                          (none for a stage-1 or report model), image size, extra (e.g. thresholds)
+    text_encoder/         tokenizer files + the transformers config of the text encoder, or of a
+                          report model's LM (absent for an image-only model)
 
 Loading rebuilds the text encoder skeleton with ``AutoModel.from_config`` from
 ``text_encoder/`` (the original ``name_or_path`` is not needed), ignores the vision
@@ -24,12 +24,14 @@ from typing import Any, Optional, Sequence
 
 from torch import nn
 
-from medfuse_core.config import ModelConfig, PretrainModelConfig
+from medfuse_core.config import ModelConfig, PretrainModelConfig, ReportModelConfig
 from medfuse_core.models.contrastive import ContrastiveModel, build_contrastive_model
 from medfuse_core.models.diagnosis import DiagnosisModel, build_model
+from medfuse_core.models.report import ReportGenerator, build_report_model
 from medfuse_core.models.text import load_tokenizer
 
-KINDS = {DiagnosisModel: "diagnosis", ContrastiveModel: "contrastive"}
+KINDS = {DiagnosisModel: "diagnosis", ContrastiveModel: "contrastive", ReportGenerator: "report"}
+MODEL_CONFIGS = {"diagnosis": ModelConfig, "contrastive": PretrainModelConfig, "report": ReportModelConfig}
 
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "medfuse_model.json"
@@ -42,8 +44,8 @@ class LoadedBundle:
     """What :func:`load_bundle` returns; ``model`` is in eval mode; ``tokenizer`` is None for an
     image-only model."""
 
-    model: DiagnosisModel | ContrastiveModel
-    model_config: ModelConfig | PretrainModelConfig
+    model: DiagnosisModel | ContrastiveModel | ReportGenerator
+    model_config: ModelConfig | PretrainModelConfig | ReportModelConfig
     label_names: list[str]
     image_size: int
     tokenizer: Any
@@ -51,13 +53,13 @@ class LoadedBundle:
     kind: str = "diagnosis"
 
 
-def _unwrap(model: nn.Module) -> DiagnosisModel | ContrastiveModel:
+def _unwrap(model: nn.Module) -> DiagnosisModel | ContrastiveModel | ReportGenerator:
     # DDP / DeepSpeed engines keep the real model under ``.module``
     kinds = tuple(KINDS)
     while not isinstance(model, kinds) and isinstance(getattr(model, "module", None), nn.Module):
         model = model.module
     if not isinstance(model, kinds):
-        raise TypeError(f"expected a DiagnosisModel or ContrastiveModel, got {type(model).__name__}")
+        raise TypeError(f"expected a DiagnosisModel, ContrastiveModel or ReportGenerator, got {type(model).__name__}")
     return model
 
 
@@ -92,13 +94,14 @@ def save_bundle(
         raise ValueError(f"{len(label_names)} label names for a model with {model.num_labels} outputs")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if model.text_encoder is not None:
+    text_model = model.lm if isinstance(model, ReportGenerator) else model.text_encoder
+    if text_model is not None:
         text_dir = out / TEXT_DIR
         text_dir.mkdir(exist_ok=True)
         if tokenizer is None:
-            tokenizer = load_tokenizer(cfg.text.name_or_path)
+            tokenizer = load_tokenizer((cfg.lm if isinstance(model, ReportGenerator) else cfg.text).name_or_path)
         tokenizer.save_pretrained(str(text_dir))
-        model.text_encoder.config.save_pretrained(str(text_dir))
+        text_model.config.save_pretrained(str(text_dir))
     meta = {
         "format_version": FORMAT_VERSION,
         "kind": KINDS[type(model)],
@@ -140,15 +143,17 @@ def load_bundle(bundle_dir: str | Path, device: str = "cpu") -> LoadedBundle:
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{root}: unsupported bundle format {meta.get('format_version')!r}")
     kind = meta.get("kind", "diagnosis")  # bundles from before stage 1 are diagnosis models
-    cfg = (PretrainModelConfig if kind == "contrastive" else ModelConfig).model_validate(meta["model_config"])
+    cfg = MODEL_CONFIGS[kind].model_validate(meta["model_config"])
     labels = list(meta["label_names"])
     image_size = int(meta["image_size"])
     text_config = tokenizer = None
-    if cfg.text.enabled:
+    if (cfg.lm if kind == "report" else cfg.text).enabled:
         text_dir = str(root / TEXT_DIR)
         text_config = AutoConfig.from_pretrained(text_dir)
         tokenizer = AutoTokenizer.from_pretrained(text_dir)
-    if kind == "contrastive":
+    if kind == "report":
+        model = build_report_model(cfg, image_size, lm_config=text_config, load_weights=False)
+    elif kind == "contrastive":
         model = build_contrastive_model(cfg, image_size, meta.get("extra", {}).get("objective", "infonce"),
                                         text_config=text_config, load_vision_weights=False)
     else:
@@ -156,3 +161,24 @@ def load_bundle(bundle_dir: str | Path, device: str = "cpu") -> LoadedBundle:
     load_model(model, str(root / WEIGHTS_FILE), strict=True, device=device)
     model.to(device).eval()
     return LoadedBundle(model, cfg, labels, image_size, tokenizer, dict(meta.get("extra") or {}), kind)
+
+
+def load_encoder_weights(model: nn.Module, bundle_dir: str) -> int:
+    """Copy the vision and text encoder weights of a (stage-1) bundle into ``model`` by name;
+    returns how many tensors were copied. Every encoder tensor of the bundle must match."""
+    from safetensors.torch import load_file
+
+    from medfuse_core.models.contrastive import encoder_state
+
+    source = encoder_state(load_file(str(Path(bundle_dir) / WEIGHTS_FILE)))
+    own = model.state_dict()
+    bad = [k for k, v in source.items() if k not in own or own[k].shape != v.shape]
+    if bad or not source:
+        raise RuntimeError(f"init_from: {len(bad)} of {len(source)} encoder tensors do not fit this model "
+                           "(another vision encoder or text encoder); pretrain with the same model.vision "
+                           "and model.text settings")
+    missing = [k for k in own if k.startswith(("vision_encoder.", "text_encoder.")) and k not in source]
+    if missing:
+        raise RuntimeError(f"init_from: the pretrained model lacks {len(missing)} encoder tensors this model has")
+    model.load_state_dict(source, strict=False)
+    return len(source)

@@ -8,9 +8,10 @@ from torch import nn
 
 
 def optimizer_groups(module: nn.Module, lr: float, text_lr: float, weight_decay: float,
-                     no_decay_names: Iterable[str] = ()) -> list[dict[str, Any]]:
-    """Groups over the trainable parameters: the pretrained text encoder (``text_encoder.*``)
-    at ``text_lr``, everything else at ``lr``; biases, norm weights and other parameters with
+                     no_decay_names: Iterable[str] = (),
+                     text_prefixes: tuple[str, ...] = ("text_encoder.",)) -> list[dict[str, Any]]:
+    """Groups over the trainable parameters: the pretrained text model (names starting with
+    ``text_prefixes``, default ``text_encoder.*``) at ``text_lr``, everything else at ``lr``; biases, norm weights and other parameters with
     ``ndim <= 1``, and leaves named in ``no_decay_names``, without weight decay. Empty groups
     are left out; each group has a ``name`` for logging."""
     names = frozenset(no_decay_names)
@@ -18,7 +19,7 @@ def optimizer_groups(module: nn.Module, lr: float, text_lr: float, weight_decay:
     for name, param in module.named_parameters():
         if not param.requires_grad:
             continue
-        is_text = name.startswith("text_encoder.")
+        is_text = name.startswith(text_prefixes)
         no_decay = param.ndim <= 1 or name.rsplit(".", 1)[-1] in names
         buckets.setdefault((is_text, no_decay), []).append(param)
     return [{"name": f"{'text' if t else 'main'}{'_no_decay' if nd else ''}", "params": params,

@@ -7,9 +7,14 @@ The vision encoder's tokens reach the LM through a connector, chosen by name fro
 * ``cross_attention`` (BLIP-2 / Flamingo-resampler style): a fixed number of learned queries
   cross-attend over the vision tokens, so the LM reads ``num_queries`` tokens whatever the grid.
 
-The sequence the LM sees is ``[prefix] [context tokens] [report tokens]``; teacher forcing
-scores only the report tokens (every other position has label -100). Generation feeds the
-prefix (and context) as ``inputs_embeds`` to ``generate``, with the decoding settings given.
+The sequence the LM sees is ``[prefix] [context tokens] [report tokens]``, packed so each row's
+real tokens are contiguous (padding after them in training, before them in generation, and
+positions counted over real tokens), so a padded context leaves no gap; teacher forcing scores
+only the report tokens (every other position has label -100). Generation feeds the prefix (and
+context) as ``inputs_embeds`` to ``generate``, with the decoding settings given.
+
+A draft always has both sections: generation starts from ``FINDINGS:``, and a draft that ends
+without an IMPRESSION is continued from ``... IMPRESSION:`` (the model writes both).
 """
 
 from __future__ import annotations
@@ -82,6 +87,8 @@ class ReportGenerator(nn.Module):
     returns the mean cross-entropy over report tokens (``labels_mask`` True) and the logits.
     """
 
+    num_labels = 0  # no classifier head
+
     def __init__(self, vision_encoder: nn.Module, lm: nn.Module, connector: str = "prefix", **connector_args):
         super().__init__()
         self.vision_encoder = vision_encoder
@@ -90,41 +97,48 @@ class ReportGenerator(nn.Module):
         self.connector_name = connector
         self.connector = CONNECTORS.get(connector)(vision_encoder.out_dim, hidden, **connector_args)
 
+    def param_groups(self, lr: float, text_lr: float, weight_decay: float) -> list[dict]:
+        """Optimizer groups: the language model (``lm.*``) at ``text_lr``, the rest at ``lr``."""
+        from medfuse_core.models.param_groups import optimizer_groups
+
+        return optimizer_groups(self, lr, text_lr, weight_decay, text_prefixes=("lm.",))
+
     def prefix(self, images: torch.Tensor) -> torch.Tensor:
         """The image as LM input embeddings ``[B, P, H]``."""
         return self.connector(self.vision_encoder(images))
 
-    def _inputs(self, images, ids, mask, context_ids, context_mask):
+    def _inputs(self, images, ids, mask, context_ids, context_mask, labels=None, pad_left=False):
         embed = self.lm.get_input_embeddings()
         prefix = self.prefix(images).to(embed.weight.dtype)
         parts, masks = [prefix], [torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)]
-        if context_ids is not None:
-            parts.append(embed(context_ids))
-            masks.append(context_mask.long())
-        if ids is not None:
-            parts.append(embed(ids))
-            masks.append(mask.long())
-        return torch.cat(parts, 1), torch.cat(masks, 1)
+        label_parts = [torch.full(prefix.shape[:2], IGNORE, dtype=torch.long, device=prefix.device)]
+        for part_ids, part_mask, part_labels in ((context_ids, context_mask, None), (ids, mask, labels)):
+            if part_ids is None:
+                continue
+            parts.append(embed(part_ids))
+            masks.append(part_mask.long())
+            label_parts.append(torch.full_like(part_ids, IGNORE) if part_labels is None else part_labels)
+        return pack(torch.cat(parts, 1), torch.cat(masks, 1), torch.cat(label_parts, 1), pad_left)
 
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 labels_mask: Optional[torch.Tensor] = None, context_ids: Optional[torch.Tensor] = None,
                 context_mask: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
-        embeds, mask = self._inputs(images, input_ids, attention_mask, context_ids, context_mask)
         report_mask = attention_mask.bool() if labels_mask is None else labels_mask.bool() & attention_mask.bool()
-        labels = torch.full(mask.shape, IGNORE, dtype=torch.long, device=mask.device)
-        labels[:, -input_ids.shape[1]:] = torch.where(report_mask, input_ids, torch.full_like(input_ids, IGNORE))
+        labels = torch.where(report_mask, input_ids, torch.full_like(input_ids, IGNORE))
+        embeds, mask, labels = self._inputs(images, input_ids, attention_mask, context_ids, context_mask, labels)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, labels=labels,
                       use_cache=False)
-        return {"loss": out.loss, "logits": out.logits}
+        return {"loss": out.loss, "logits": out.logits, "labels": labels}
 
     @torch.no_grad()
     def generate(self, images: torch.Tensor, tokenizer, decoding: DecodingConfig = DecodingConfig(),
                  context_ids: Optional[torch.Tensor] = None, context_mask: Optional[torch.Tensor] = None,
-                 prompt_ids: Optional[torch.Tensor] = None) -> list[str]:
-        """Draft reports (decoded text, special tokens removed) for a batch of images."""
-        prompt_mask = None if prompt_ids is None else torch.ones_like(prompt_ids)
-        embeds, mask = self._inputs(images, prompt_ids, prompt_mask, context_ids, context_mask)
+                 prompt_ids: Optional[torch.Tensor] = None, prompt_mask: Optional[torch.Tensor] = None) -> list[str]:
+        """The text generated after the prompt (special tokens removed) for a batch of images."""
+        if prompt_ids is not None and prompt_mask is None:
+            prompt_mask = torch.ones_like(prompt_ids)
+        embeds, mask, _ = self._inputs(images, prompt_ids, prompt_mask, context_ids, context_mask, pad_left=True)
         kwargs = dict(max_new_tokens=decoding.max_new_tokens, num_beams=decoding.num_beams,
                       do_sample=decoding.do_sample, repetition_penalty=decoding.repetition_penalty,
                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
@@ -134,3 +148,112 @@ class ReportGenerator(nn.Module):
             kwargs["no_repeat_ngram_size"] = decoding.no_repeat_ngram_size
         out = self.lm.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
         return [t.strip() for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+
+def pack(embeds: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, pad_left: bool = False):
+    """Move each row's real positions together, in order: padding last (training) or first
+    (``pad_left``, for generation), so no masked gap sits between the context and the report."""
+    key = mask if pad_left else 1 - mask  # sort puts key 0 first; stable keeps the order of real tokens
+    order = torch.sort(key, dim=1, stable=True).indices
+    take = order.unsqueeze(-1).expand(-1, -1, embeds.shape[-1])
+    return embeds.gather(1, take), mask.gather(1, order), labels.gather(1, order)
+
+
+FINDINGS_HEADER = "FINDINGS:"
+IMPRESSION_HEADER = "IMPRESSION:"
+
+
+def report_target(sections: dict, names=("findings", "impression")) -> str:
+    """The training target: each named, non-empty section under its header, in order."""
+    return " ".join(f"{name.upper()}: {sections[name].strip()}" for name in names if sections.get(name, "").strip())
+
+
+def _prompts(tokenizer, texts: list[str], device):
+    enc = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+
+
+def draft_reports(model: ReportGenerator, images: torch.Tensor, tokenizer, decoding: DecodingConfig = DecodingConfig(),
+                  context_ids: Optional[torch.Tensor] = None, context_mask: Optional[torch.Tensor] = None) -> list[str]:
+    """Draft reports with FINDINGS and IMPRESSION sections for a batch of images.
+
+    Generation starts from ``FINDINGS:``; drafts whose text has no ``IMPRESSION:`` are continued
+    from ``FINDINGS: <their text> IMPRESSION:`` (one more pass for those rows only), so both
+    sections are the model's. An empty section is written as ``Not stated.``.
+    """
+    import re
+
+    n = images.shape[0]
+    ids, mask = _prompts(tokenizer, [FINDINGS_HEADER] * n, images.device)
+    bodies = model.generate(images, tokenizer, decoding, context_ids, context_mask, ids, mask)
+    split = re.compile(r"\bimpression\s*:", re.IGNORECASE)
+    findings, impressions = [], [None] * n
+    for k, body in enumerate(bodies):
+        parts = split.split(body, maxsplit=1)
+        findings.append(re.sub(r"^\s*findings\s*:\s*", "", parts[0], flags=re.IGNORECASE).strip())
+        if len(parts) == 2 and parts[1].strip():
+            impressions[k] = parts[1].strip()
+    todo = [k for k in range(n) if impressions[k] is None]
+    if todo:
+        idx = torch.tensor(todo, device=images.device)
+        texts = [f"{FINDINGS_HEADER} {findings[k]} {IMPRESSION_HEADER}" for k in todo]
+        ids, mask = _prompts(tokenizer, texts, images.device)
+        sub = (lambda t: None if t is None else t.index_select(0, idx))
+        more = model.generate(images.index_select(0, idx), tokenizer, decoding, sub(context_ids), sub(context_mask),
+                              ids, mask)
+        for k, text in zip(todo, more):
+            impressions[k] = split.split(text, maxsplit=1)[0].strip()
+    return [f"{FINDINGS_HEADER} {f or 'Not stated.'}\n{IMPRESSION_HEADER} {i or 'Not stated.'}"
+            for f, i in zip(findings, impressions)]
+
+
+def load_causal_lm(text_cfg, config=None) -> nn.Module:
+    """``AutoModelForCausalLM`` by name or local path (``config``: build from it, random weights);
+    a BERT-class encoder (e.g. the packaged MiniLM) loads as a decoder (``is_decoder=True``)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from medfuse_core.models.text import is_decoder_only, resolve_text_model
+
+    if config is None:
+        path = resolve_text_model(text_cfg.name_or_path)
+        config = AutoConfig.from_pretrained(path)
+        if not is_decoder_only(config):
+            config.is_decoder = True
+        lm = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32)
+    else:
+        if not is_decoder_only(config):
+            config.is_decoder = True
+        lm = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if text_cfg.gradient_checkpointing:
+        if not getattr(lm, "supports_gradient_checkpointing", False):
+            raise ValueError(f"model.lm.gradient_checkpointing: {type(lm).__name__} does not support it")
+        lm.config.use_cache = False
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return lm
+
+
+def build_report_model(cfg, image_size: int, lm_config=None, load_weights: bool = True,
+                       init_state: Optional[dict] = None) -> ReportGenerator:
+    """The :class:`ReportGenerator` of a ``ReportModelConfig``.
+
+    ``lm_config``: build the LM from this transformers config (a bundle's) instead of loading it;
+    ``init_state``: tensors copied in by name before freezing and LoRA (``init_from``: a stage-1
+    model's vision encoder, or an earlier report model's connector and LM). Then the freezing
+    policies apply (``vision.trainable_layers``, ``lm.trainable_layers``) and, with ``lm.lora.r > 0``,
+    LoRA adapters wrap the frozen LM.
+    """
+    from medfuse_core.models.text import add_lora, apply_trainable_layers
+    from medfuse_core.models.vision import build_vision_encoder
+
+    vision = build_vision_encoder(cfg.vision, image_size, load_weights=load_weights)
+    lm = load_causal_lm(cfg.lm, lm_config)
+    c = cfg.connector
+    model = ReportGenerator(vision, lm, c.name, num_queries=c.num_queries, heads=c.heads)
+    if init_state:
+        model.load_state_dict(init_state, strict=False)
+    if cfg.lm.lora.enabled:
+        lm.requires_grad_(False)
+        model.lm = add_lora(lm, cfg.lm.lora)
+    else:
+        apply_trainable_layers(lm, cfg.lm.trainable_layers)
+    return model

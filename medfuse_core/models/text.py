@@ -152,7 +152,7 @@ class TextEncoder(nn.Module):
         self.lora = lora if lora is not None and lora.enabled else None
         if self.lora is not None:
             self.model.requires_grad_(False)
-            self.model = _add_lora(self.model, self.lora)
+            self.model = add_lora(self.model, self.lora)
         else:
             self.set_trainable_layers(trainable_layers)
         # a frozen encoder's outputs, kept per distinct token row (see _cached); 0 = off
@@ -204,35 +204,8 @@ class TextEncoder(nn.Module):
 
     def set_trainable_layers(self, k: int) -> None:
         """Apply the ``trainable_layers`` policy (see class docstring)."""
-        if k < -1:
-            raise ValueError(f"trainable_layers must be >= -1, got {k}")
+        apply_trainable_layers(self.model, k)
         self.trainable_layers = k
-        model = self.model
-        if k == -1:
-            model.requires_grad_(True)
-        else:
-            model.requires_grad_(False)
-            if k > 0:
-                layers = _find_layer_stack(model)
-                if layers is None:
-                    raise ValueError(f"cannot find the transformer layers of {type(model).__name__}")
-                in_stack = {id(p) for p in layers.parameters()}
-                for layer in list(layers)[-k:]:
-                    layer.requires_grad_(True)
-                # parameters registered after the block stack (e.g. a final norm) belong to the top
-                seen_stack = False
-                for p in model.parameters():
-                    if id(p) in in_stack:
-                        seen_stack = True
-                    elif seen_stack:
-                        p.requires_grad_(True)
-                embeddings = getattr(model, "embeddings", None)
-                if not isinstance(embeddings, nn.Module):
-                    embeddings = model.get_input_embeddings()
-                embeddings.requires_grad_(False)
-        pooler = getattr(model, "pooler", None)
-        if isinstance(pooler, nn.Module):
-            pooler.requires_grad_(False)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Token ids ``[B, T]`` (+ mask, 1 = real token) -> last hidden states ``[B, T, H]``."""
@@ -254,7 +227,39 @@ class TextEncoder(nn.Module):
         return inputs
 
 
-def _add_lora(model: nn.Module, lora) -> nn.Module:
+def apply_trainable_layers(model: nn.Module, k: int) -> None:
+    """Freeze a transformers model but its top ``k`` blocks and what follows them (``-1``: all
+    train; ``0``: frozen); the input embeddings and any pooler stay frozen for ``k >= 0``."""
+    if k < -1:
+        raise ValueError(f"trainable_layers must be >= -1, got {k}")
+    if k == -1:
+        model.requires_grad_(True)
+    else:
+        model.requires_grad_(False)
+        if k > 0:
+            layers = _find_layer_stack(model)
+            if layers is None:
+                raise ValueError(f"cannot find the transformer layers of {type(model).__name__}")
+            in_stack = {id(p) for p in layers.parameters()}
+            for layer in list(layers)[-k:]:
+                layer.requires_grad_(True)
+            # parameters registered after the block stack (e.g. a final norm, an LM head) belong to the top
+            seen_stack = False
+            for p in model.parameters():
+                if id(p) in in_stack:
+                    seen_stack = True
+                elif seen_stack:
+                    p.requires_grad_(True)
+            embeddings = getattr(model, "embeddings", None)
+            if not isinstance(embeddings, nn.Module):
+                embeddings = model.get_input_embeddings()
+            embeddings.requires_grad_(False)
+    pooler = getattr(model, "pooler", None)
+    if isinstance(pooler, nn.Module):
+        pooler.requires_grad_(False)
+
+
+def add_lora(model: nn.Module, lora) -> nn.Module:
     """Wrap ``model`` with LoRA adapters (``peft``); the base weights stay frozen."""
     try:
         from peft import LoraConfig, get_peft_model

@@ -37,6 +37,16 @@ class Objective:
         """A fresh model for this stage (pretrained pieces loaded from local files)."""
         raise NotImplementedError
 
+    def initial_model(self, init_from: str | None):
+        """``(model, tensors copied)``: a fresh model, its encoders copied from the bundle folder
+        ``init_from`` (a stage-1 model) when given."""
+        model = self.build_model()
+        if not init_from:
+            return model, 0
+        from medfuse_core.models.bundle import load_encoder_weights
+
+        return model, load_encoder_weights(model, init_from)
+
     def tokenizer(self):
         """The tokenizer batches are made with (None: no text)."""
         from medfuse_core.models.text import load_tokenizer

@@ -1,0 +1,67 @@
+"""Drafting reports with a trained report bundle (no Ray, no MLflow): a batch of images (and
+clinical contexts) in, FINDINGS + IMPRESSION drafts out, with the bundle's decoding settings
+or overrides of them."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from medfuse_core.config import ConfigError, DecodingSettings, apply_overrides
+from medfuse_core.models.report import DecodingConfig, draft_reports
+
+
+def decoding_settings(bundle, overrides: Sequence[str] = ()) -> DecodingSettings:
+    """The bundle's decoding settings (its experiment's ``decoding`` section) with
+    ``decoding.KEY=VALUE`` overrides applied; a bad key or value is a ``ConfigError``."""
+    from pydantic import ValidationError
+
+    raw = {"decoding": dict((bundle.extra or {}).get("decoding") or {})}
+    bad = [o for o in overrides if not o.split("=", 1)[0].strip().startswith("decoding.")]
+    if bad:
+        raise ConfigError(f"{bad[0].split('=', 1)[0]}: only decoding.KEY=VALUE settings apply here "
+                          "(e.g. decoding.num_beams=3)")
+    raw = apply_overrides(raw, list(overrides))
+    try:
+        return DecodingSettings.model_validate(raw["decoding"])
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = "decoding." + ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"{key}: {first['msg']}") from None
+
+
+def draft_batch(bundle, images: torch.Tensor, contexts: Sequence[str] | None,
+                settings: DecodingSettings) -> list[str]:
+    """Drafts for normalised images ``[B, 1, S, S]``; ``contexts`` are used when the model was
+    trained with them (``use_context``), an empty string meaning none."""
+    from medfuse_core.objectives.report_generation import encode_context
+
+    extra = bundle.extra or {}
+    device = next(bundle.model.parameters()).device
+    ctx_ids = ctx_mask = None
+    if extra.get("use_context") and contexts is not None:
+        ctx_ids, ctx_mask = encode_context(bundle.tokenizer, list(contexts), int(extra.get("max_context_tokens", 32)))
+        ctx_ids, ctx_mask = ctx_ids.to(device), ctx_mask.to(device)
+    decoding = DecodingConfig(**{k: v for k, v in settings.model_dump().items() if k != "seed"})
+    torch.manual_seed(settings.seed)
+    with torch.no_grad():
+        return draft_reports(bundle.model, images.to(device), bundle.tokenizer, decoding, ctx_ids, ctx_mask)
+
+
+def draft_rows(bundle, rows: dict, settings: DecodingSettings) -> list[str]:
+    """Drafts for a columnar batch of shard rows (``image``, ``image_size``, optional ``context``)."""
+    from medfuse_core.data.batching import blobs_to_tensor
+
+    images = blobs_to_tensor(rows["image"], rows["image_size"], bundle.image_size)
+    contexts = [c if isinstance(c, str) else "" for c in rows["context"]] if "context" in rows else None
+    return draft_batch(bundle, images, contexts, settings)
+
+
+def draft_images(bundle, pixels: Sequence[np.ndarray], contexts: Sequence[str] | None,
+                 settings: DecodingSettings) -> list[str]:
+    """Drafts for decoded ``[0, 1]`` images (e.g. from :func:`medfuse_core.data.dicom.decode_dicom`)."""
+    from medfuse_core.data.batching import images_to_tensor
+
+    return draft_batch(bundle, images_to_tensor(pixels, bundle.image_size), contexts, settings)
