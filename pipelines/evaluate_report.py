@@ -5,6 +5,7 @@ competition findings, and per label), the share of drafts with both FINDINGS and
 and drafts in which the de-identification scrubber finds anything it would redact.
 
 References are the de-identified report's FINDINGS + IMPRESSION, as the model was trained on.
+The drafts are written beside ``--out`` (``<name>_drafts.csv``: record_id, report, reference).
 MLflow (the model's run): the metrics, a per-finding F1 chart, a table of sample drafts beside
 their references (de-identified text, no images) and every draft as a CSV artifact.
 """
@@ -53,7 +54,7 @@ def per_label_f1_figure(per_label: dict):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(per_label)
+    names = [n for n in per_label if per_label[n] is not None]  # labels nobody mentions have no F1
     fig, ax = plt.subplots(figsize=(8, 4.5))
     ax.barh(names[::-1], [per_label[n] for n in names[::-1]], color="#4477aa")
     ax.set_xlim(0, 1)
@@ -84,6 +85,9 @@ def run(bundle_dir: Path, facts: dict, model_ref: str, data_dir: Path, summary: 
               "report_generation": score_drafts([drafts[k] for k in scored], [references[k] for k in scored])}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
+    drafts_csv = out.with_name(f"{out.stem}_drafts.csv")  # beside the metrics: record_id, draft, reference
+    pd.DataFrame({"record_id": ids, "report": drafts, "reference": references}).to_csv(drafts_csv, index=False)
+    result["drafts_csv"] = str(drafts_csv)
     run_id = facts.get("mlflow_run_id")
     if run_id:
         if facts.get("tracking_uri"):
@@ -98,7 +102,8 @@ def run(bundle_dir: Path, facts: dict, model_ref: str, data_dir: Path, summary: 
             for key in ("f1_micro_14", "f1_macro_14", "f1_micro_5", "f1_macro_5"):
                 metrics[f"test/report/{key}"] = ce[key]
             for name, value in ce["per_label_f1"].items():
-                metrics[f"test/report/f1/{name.replace(' ', '_')}"] = value
+                if value is not None:
+                    metrics[f"test/report/f1/{name.replace(' ', '_')}"] = value
             mlflow.log_metrics({k: v for k, v in metrics.items() if v == v})
             mlflow.log_dict(result, "evaluation/report_generation.json")
             mlflow.log_figure(per_label_f1_figure(ce["per_label_f1"]), "evaluation/report_f1_per_finding.png")

@@ -62,9 +62,13 @@ def test_clinical_efficacy_scores_matching_reports_perfectly_and_others_lower():
     refs = ["Large left effusion. Cardiomegaly.", "No effusion. Right lower lobe consolidation.",
             "Mild pulmonary edema.", "No acute process."]
     perfect = clinical_efficacy(refs, refs)
-    assert perfect["f1_macro_5"] == pytest.approx(1.0 * sum(
-        1 for n in COMPETITION_LABELS if perfect["per_label_f1"][n] == 1.0) / 5)
+    assert perfect["f1_macro_5"] == 1.0 and perfect["f1_macro_14"] == 1.0
     assert perfect["f1_micro_14"] == 1.0 and perfect["f1_micro_5"] == 1.0
+    # labels nobody mentions are not scored; Atelectasis is not in these references
+    assert perfect["per_label_f1"]["Atelectasis"] is None and perfect["labels_scored_5"] == 4
+    hallucinated = clinical_efficacy(refs[:3] + ["Left basilar atelectasis."], refs)
+    assert hallucinated["per_label_f1"]["Atelectasis"] == 0.0 and hallucinated["labels_scored_5"] == 5
+    assert hallucinated["f1_macro_5"] < 1.0
     empty = clinical_efficacy(["No acute process."] * 4, refs)
     assert empty["f1_micro_5"] < perfect["f1_micro_5"]
     assert set(empty) >= {"f1_micro_14", "f1_macro_14", "f1_micro_5", "f1_macro_5", "per_label_f1"}

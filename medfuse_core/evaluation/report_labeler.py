@@ -143,7 +143,13 @@ def clinical_efficacy(generated: Sequence[str], references: Sequence[str],
                       labeler: Callable[[Sequence[str]], np.ndarray] = rule_labeler,
                       uncertain_as: float = 0.0) -> dict:
     """Micro and macro F1 of the labels of generated reports against those of their references,
-    over the 14 CheXpert labels and over the 5 competition findings, plus per-label F1."""
+    over the 14 CheXpert labels and over the 5 competition findings, plus per-label F1.
+
+    A label that neither the references nor the drafts ever mention has no F1 (``None`` in
+    ``per_label_f1``) and stays out of the macro means (``labels_scored_14`` / ``_5`` count the
+    rest): a corpus without, say, fractures cannot score a model on them. A label the drafts
+    assert but no reference has scores 0.
+    """
     from sklearn.metrics import f1_score
 
     if len(generated) != len(references):
@@ -152,9 +158,12 @@ def clinical_efficacy(generated: Sequence[str], references: Sequence[str],
     true = binarise(labeler(references), uncertain_as)
     out: dict = {"per_label_f1": {}}
     for j, name in enumerate(CHEXPERT_LABELS):
-        out["per_label_f1"][name] = float(f1_score(true[:, j], pred[:, j], zero_division=0))
+        scored = true[:, j].any() or pred[:, j].any()
+        out["per_label_f1"][name] = float(f1_score(true[:, j], pred[:, j], zero_division=0)) if scored else None
     for tag, names in (("14", CHEXPERT_LABELS), ("5", COMPETITION_LABELS)):
         idx = [CHEXPERT_LABELS.index(n) for n in names]
         out[f"f1_micro_{tag}"] = float(f1_score(true[:, idx], pred[:, idx], average="micro", zero_division=0))
-        out[f"f1_macro_{tag}"] = float(f1_score(true[:, idx], pred[:, idx], average="macro", zero_division=0))
+        values = [out["per_label_f1"][n] for n in names if out["per_label_f1"][n] is not None]
+        out[f"f1_macro_{tag}"] = float(np.mean(values)) if values else float("nan")
+        out[f"labels_scored_{tag}"] = len(values)
     return out

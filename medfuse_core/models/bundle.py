@@ -130,9 +130,28 @@ def read_bundle_meta(bundle_dir: str | Path) -> dict:
     return json.loads(meta_path.read_text())
 
 
+def load_weights_strict(model: nn.Module, path: str, device: str = "cpu") -> None:
+    """Load a safetensors state dict into ``model``: every tensor must fit, none may be left out,
+    except that tied parameters (an LM head sharing its embeddings) may be stored under one name
+    or under all of theirs."""
+    from safetensors.torch import load_file
+
+    state = load_file(path, device=device)
+    result = model.load_state_dict(state, strict=False)
+    names_by_storage: dict[int, list[str]] = {}
+    for name, tensor in model.state_dict().items():
+        names_by_storage.setdefault(tensor.data_ptr(), []).append(name)
+    tied = {n for names in names_by_storage.values() if len(names) > 1 and any(k in state for k in names)
+            for n in names}
+    missing = [k for k in result.missing_keys if k not in tied]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(f"{Path(path).parent.name}: the weights do not fit the model "
+                           f"({len(missing)} missing, {len(result.unexpected_keys)} unexpected tensors, e.g. "
+                           f"{(missing + list(result.unexpected_keys))[0]})")
+
+
 def load_bundle(bundle_dir: str | Path, device: str = "cpu") -> LoadedBundle:
     """Rebuild the model from a bundle (weights-only, offline) and return it in eval mode."""
-    from safetensors.torch import load_model
     from transformers import AutoConfig, AutoTokenizer
 
     root = Path(bundle_dir)
@@ -158,7 +177,7 @@ def load_bundle(bundle_dir: str | Path, device: str = "cpu") -> LoadedBundle:
                                         text_config=text_config, load_vision_weights=False)
     else:
         model = build_model(cfg, len(labels), image_size, text_config=text_config, load_vision_weights=False)
-    load_model(model, str(root / WEIGHTS_FILE), strict=True, device=device)
+    load_weights_strict(model, str(root / WEIGHTS_FILE), device)
     model.to(device).eval()
     return LoadedBundle(model, cfg, labels, image_size, tokenizer, dict(meta.get("extra") or {}), kind)
 
