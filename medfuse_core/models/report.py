@@ -8,8 +8,8 @@ The vision encoder's tokens reach the LM through a connector, chosen by name fro
   cross-attend over the vision tokens, so the LM reads ``num_queries`` tokens whatever the grid.
 
 The sequence the LM sees is ``[prefix] [context tokens] [report tokens]``, packed so each row's
-real tokens are contiguous (padding after them in training, before them in generation, and
-positions counted over real tokens), so a padded context leaves no gap; teacher forcing scores
+real tokens are contiguous and end the row (padding first, positions counted over real tokens),
+so a padded context leaves no gap and the LM head runs on the report positions only; teacher forcing scores
 only the report tokens (every other position has label -100). Generation feeds the prefix (and
 context) as ``inputs_embeds`` to ``generate``, with the decoding settings given.
 
@@ -125,11 +125,20 @@ class ReportGenerator(nn.Module):
                 context_mask: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
         report_mask = attention_mask.bool() if labels_mask is None else labels_mask.bool() & attention_mask.bool()
         labels = torch.where(report_mask, input_ids, torch.full_like(input_ids, IGNORE))
-        embeds, mask, labels = self._inputs(images, input_ids, attention_mask, context_ids, context_mask, labels)
+        # packed to the right (padding first), so the report ends every row: the LM head (a
+        # vocabulary-wide projection, about half a small LM's compute) runs on the last
+        # report-width + 1 positions only, the one before the first report token included
+        embeds, mask, labels = self._inputs(images, input_ids, attention_mask, context_ids, context_mask, labels,
+                                            pad_left=True)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, labels=labels,
-                      use_cache=False)
-        return {"loss": out.loss, "logits": out.logits, "labels": labels}
+        keep = min(input_ids.shape[1] + 1, embeds.shape[1])
+        out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False,
+                      logits_to_keep=keep)
+        logits, labels = out.logits[:, -keep:], labels[:, -keep:]
+        target = labels[:, 1:]
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                                 target.reshape(-1), ignore_index=IGNORE)
+        return {"loss": loss, "logits": logits, "labels": labels}
 
     @torch.no_grad()
     def generate(self, images: torch.Tensor, tokenizer, decoding: DecodingConfig = DecodingConfig(),
@@ -151,8 +160,8 @@ class ReportGenerator(nn.Module):
 
 
 def pack(embeds: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, pad_left: bool = False):
-    """Move each row's real positions together, in order: padding last (training) or first
-    (``pad_left``, for generation), so no masked gap sits between the context and the report."""
+    """Move each row's real positions together, in order: padding last, or first with
+    ``pad_left`` (training and generation), so no masked gap sits between the context and the report."""
     key = mask if pad_left else 1 - mask  # sort puts key 0 first; stable keeps the order of real tokens
     order = torch.sort(key, dim=1, stable=True).indices
     take = order.unsqueeze(-1).expand(-1, -1, embeds.shape[-1])

@@ -50,7 +50,7 @@ def encode_context(tokenizer, texts: list[str], max_tokens: int, keep: torch.Ten
     if keep is not None:
         texts = [t if k else "" for t, k in zip(texts, keep.tolist())]
     enc = tokenizer([f"Indication: {t}" if t else "" for t in texts], add_special_tokens=False, truncation=True,
-                    max_length=max_tokens, padding="max_length", return_tensors="pt")
+                    max_length=max_tokens, padding="longest", return_tensors="pt")
     return enc["input_ids"], enc["attention_mask"]
 
 
