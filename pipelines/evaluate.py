@@ -32,6 +32,7 @@ from pipelines.shards import DIAGNOSIS_COLUMNS, has_split, read_split, read_spli
 log = logging.getLogger("medfuse")
 
 MODES = ("image_only", "image_text")
+RAW = tuple(f"{m}_raw" for m in MODES)  # before temperature scaling
 EVAL_SPLITS = ("validate", "test")
 BATCH_SIZE = 64
 
@@ -87,11 +88,8 @@ class _Scorer:
 
         scores = score_rows(self.bundle, rows)
         raw = np.stack([np.asarray(v, dtype=np.float32) for v in rows["labels"]])[:, self.idx]
-        return {
-            "y": evaluation_targets(raw, blank_policy=self.blank_policy),
-            "image_only": np.asarray(scores["image_only"], dtype=np.float32),
-            "image_text": np.asarray(scores["image_text"], dtype=np.float32),
-        }
+        return {"y": evaluation_targets(raw, blank_policy=self.blank_policy),
+                **{k: np.asarray(scores[k], dtype=np.float32) for k in MODES + RAW}}
 
 
 STORE_BATCHES_PER_ACTOR = 2  # image batches in flight per scoring actor (the object-store budget)
@@ -99,7 +97,8 @@ STORE_BATCHES_PER_ACTOR = 2  # image batches in flight per scoring actor (the ob
 
 def score_splits(bundle_dir: str | Path, data_dir: str | Path, blank_policy: str = "negative",
                  splits=EVAL_SPLITS) -> dict[str, dict[str, np.ndarray]]:
-    """Score the labelled rows of ``splits`` in an actor pool; ``{split: {"y", *MODES: [N, L]}}``.
+    """Score the labelled rows of ``splits`` in an actor pool; ``{split: {"y", *MODES, *RAW: [N, L]}}``
+    (``MODES`` calibrated by the bundle's temperatures when it has them, ``RAW`` before).
 
     Reads only those splits' shards and the diagnosis columns; a split with no shards gives
     empty arrays."""
@@ -108,7 +107,7 @@ def score_splits(bundle_dir: str | Path, data_dir: str | Path, blank_policy: str
     from medfuse_core.models.bundle import read_bundle_meta
 
     n_labels = len(read_bundle_meta(bundle_dir)["label_names"])
-    parts = {s: {k: [] for k in ("y",) + MODES} for s in splits}
+    parts = {s: {k: [] for k in ("y",) + MODES + RAW} for s in splits}
     res = scorer_resources(ray.cluster_resources())
     ctx = ray.data.DataContext.get_current()
     before = ctx.execution_options.resource_limits
@@ -131,7 +130,7 @@ def score_splits(bundle_dir: str | Path, data_dir: str | Path, blank_policy: str
                 compute=ray.data.ActorPoolStrategy(min_size=res["min_size"], max_size=res["max_size"]),
                 num_cpus=res["num_cpus"], num_gpus=res["num_gpus"])
             for batch in scored.iter_batches(batch_format="numpy", batch_size=None):
-                for k in ("y",) + MODES:
+                for k in ("y",) + MODES + RAW:
                     parts[split][k].append(np.asarray(batch[k], dtype=np.float32))
     finally:
         ctx.execution_options.resource_limits, ctx.target_max_block_size = before, block_before
@@ -205,7 +204,8 @@ def _run_note(result: dict) -> str:
         lines.append(f"| {mode} | {m['auroc_macro']:.3f} | {m['auprc_macro']:.3f} | {m['f1_macro']:.3f} |")
     lines += ["", "`image_text` sees the clinical context (indication) only, never findings or impression.",
               "Plots: `evaluation/roc_curves.png`, `evaluation/per_label_auroc.png`, "
-              "`evaluation/calibration_image_text.png`."]
+              "`evaluation/reliability_image_only.png`, `evaluation/reliability_image_text.png` (before and after "
+              "temperature scaling)."]
     return "\n".join(lines)
 
 
@@ -224,6 +224,20 @@ def metrics_from_scores(parts: dict, names: list[str]) -> dict:
         thresholds = choose_thresholds(parts["validate"][mode], parts["validate"]["y"])
         result[mode] = multilabel_metrics(parts["test"][mode], parts["test"]["y"], names, thresholds)
     return result
+
+
+def calibration_summary(test: dict, names: list[str], meta: dict) -> dict:
+    """Test ECE per mode (macro over labels, and per label) before and after the bundle's
+    temperature scaling; ``fitted`` False for a bundle without one (before = after)."""
+    from medfuse_core.evaluation.calibration import ece_per_label, macro
+
+    out = {"fitted": bool((meta.get("extra") or {}).get("calibration"))}
+    for mode in MODES:
+        before = ece_per_label(test[f"{mode}_raw"], test["y"], names)
+        after = ece_per_label(test[mode], test["y"], names)
+        out[mode] = {"ece_macro_before": macro(before), "ece_macro_after": macro(after),
+                     "ece_before": before, "ece_after": after}
+    return out
 
 
 def run(model_ref: str, data_dir: str | Path, out: str | Path, log_images: bool = False,
@@ -278,7 +292,7 @@ def run(model_ref: str, data_dir: str | Path, out: str | Path, log_images: bool 
         elif log_images:
             log.warning("--log-images: %s has no MLflow run to log images to; none logged", model_ref)
     result = {"model": model_ref, "data_digest": summary.get("digest"), "blank_policy": blank_policy,
-              **metrics_from_scores(parts, names)}
+              **metrics_from_scores(parts, names), "calibration": calibration_summary(parts["test"], names, meta)}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
@@ -300,8 +314,14 @@ def run(model_ref: str, data_dir: str | Path, out: str | Path, log_images: bool 
                               "evaluation/roc_curves.png")
             mlflow.log_figure(plots.per_label_auroc({m: result[m] for m in MODES}, names),
                               "evaluation/per_label_auroc.png")
-            mlflow.log_figure(plots.calibration(parts["test"]["image_text"], y, names, "Calibration (image + text)"),
-                              "evaluation/calibration_image_text.png")
+            cal = result["calibration"]
+            mlflow.log_metrics({f"test/{mode}/ece_macro_{when}": cal[mode][f"ece_macro_{when}"]
+                                for mode in MODES for when in ("before", "after")
+                                if cal[mode][f"ece_macro_{when}"] == cal[mode][f"ece_macro_{when}"]})
+            for mode in MODES:
+                mlflow.log_figure(plots.reliability_before_after(parts["test"][f"{mode}_raw"], parts["test"][mode], y,
+                                                                 names, mode),
+                                  f"evaluation/reliability_{mode}.png")
             if figure is not None:
                 mlflow.log_figure(figure, "evaluation/attention_maps.png")
     return result

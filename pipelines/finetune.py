@@ -14,6 +14,7 @@ from pathlib import Path
 
 from medfuse_core.config import FinetuneConfig
 from medfuse_core.data.sources import SourceError
+from pipelines.calibrate import calibrate_model
 from pipelines.ingest import load_summary
 from pipelines.shards import DIAGNOSIS_COLUMNS, count_fraction, read_fraction, read_split
 from pipelines.training import (check_image_size, config_changes, find_checkpoints, prepare_init_from,  # noqa: F401
@@ -91,7 +92,8 @@ def run(cfg: FinetuneConfig, data_dir: str | Path, workdir: str | Path, context=
         return run_training("finetune", cfg, data_dir, workdir, summary=summary,
                             datasets_fn=lambda: _datasets(data_dir, cfg), n_train=n_train, n_val=n_val,
                             loop_extra=loop_extra, tags=tags, facts_extra={"lineage": lineage, "n_train": n_train},
-                            params_extra={"data.n_train_images": n_train}, context=context)
+                            params_extra={"data.n_train_images": n_train}, context=context,
+                            finalize_model=lambda model_dir: calibrate_model(model_dir, data_dir))
 
 
 def load_facts(workdir: str | Path) -> dict:

@@ -79,6 +79,28 @@ def calibration(probs: np.ndarray, labels: np.ndarray, names, title: str) -> plt
     return fig
 
 
+def reliability_before_after(raw: np.ndarray, calibrated: np.ndarray, labels: np.ndarray, names,
+                             mode: str) -> plt.Figure:
+    """Reliability diagrams pooled over the findings, before and after temperature scaling,
+    with each side's ECE (macro over findings) in the legend."""
+    from medfuse_core.evaluation.calibration import ece_per_label, macro
+
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="perfect")
+    for probs, tag, colour in ((raw, "uncalibrated", "#cc6677"), (calibrated, "temperature-scaled", "#4477aa")):
+        keep = ~np.isnan(labels)
+        if keep.sum() and 0 < labels[keep].sum() < keep.sum():
+            frac, mean = calibration_curve(labels[keep], probs[keep], n_bins=10, strategy="quantile")
+            ece = macro(ece_per_label(probs, labels, names))
+            ax.plot(mean, frac, marker="o", ms=3, color=colour, label=f"{tag} (ECE {ece:.3f})")
+    ax.set_xlabel("predicted probability")
+    ax.set_ylabel("observed frequency")
+    ax.set_title(f"Reliability, {mode.replace('_', ' ')}, all findings pooled")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def attention_maps(images: np.ndarray, maps: np.ndarray, titles: list[str]) -> plt.Figure:
     """Images with the text-to-image attention (averaged over real text tokens) overlaid."""
     n = len(images)

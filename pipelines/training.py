@@ -181,12 +181,14 @@ class RunContext:
 def run_training(stage: str, cfg, data_dir: str | Path, workdir: str | Path, *, summary: dict, datasets_fn,
                  n_train: int, n_val: int, loop_extra: dict | None = None, params_extra: dict | None = None,
                  tags: dict | None = None, facts_extra: dict | None = None,
-                 context: RunContext | None = None) -> dict:
+                 context: RunContext | None = None, finalize_model=None) -> dict:
     """Train (or resume) one stage with the shared loop; log and register the best model.
 
     ``datasets_fn()`` returns the Ray datasets (``train``, ``validate``); ``loop_extra`` reaches
     the workers; ``params_extra``/``tags`` are logged on a new MLflow run; ``facts_extra`` is
-    stored in ``W/<stage>.json``; ``context`` places the run inside a sweep. Returns the run facts.
+    stored in ``W/<stage>.json``; ``context`` places the run inside a sweep; ``finalize_model(model_dir)``
+    may complete the best model's bundle before it is logged (calibration) and returns
+    ``(metrics, figures)`` for the run. Returns the run facts.
     """
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -292,6 +294,12 @@ def run_training(stage: str, cfg, data_dir: str | Path, workdir: str | Path, *, 
             shutil.rmtree(model_dir)
         with best.as_directory() as folder:  # a local folder, or a download from an object store
             shutil.copytree(Path(folder) / BUNDLE_DIR, model_dir)
+        if finalize_model is not None:
+            metrics, figures = finalize_model(model_dir)
+            if metrics:
+                mlflow.log_metrics(metrics)
+            for name, fig in figures.items():
+                mlflow.log_figure(fig, name)
         best_name = f"best/{objective.score_key.split('/', 1)[-1]}"
         mlflow.log_metrics({best_name: best_state.get("score", float("nan")), "best/epoch": best_state["epoch"]})
         registered = cfg.tracking.registered_model if ctx.register else None

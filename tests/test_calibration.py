@@ -43,3 +43,17 @@ def test_perfectly_calibrated_scores_have_small_ece():
     p = rng.random(20000)
     y = (rng.random(20000) < p).astype(np.float32)
     assert expected_calibration_error(p, y) < 0.02
+
+
+def test_fit_calibration_per_mode_lowers_validation_ece_and_keeps_rankings():
+    from medfuse_core.evaluation.calibration import calibrate_probabilities, fit_calibration, macro
+
+    logits, labels = _overconfident(3000, 2)
+    labels[:50, 0] = np.nan  # missing labels are left out
+    probs = 1 / (1 + np.exp(-logits))
+    cal = fit_calibration({"image_only": probs, "image_text": probs[::-1].copy()}, labels, ["a", "b", "c"])
+    assert set(cal["temperatures"]) == {"image_only", "image_text"} and len(cal["thresholds"]["image_only"]) == 3
+    assert macro(cal["ece_after"]["image_only"]) < macro(cal["ece_before"]["image_only"]) / 2
+    again = calibrate_probabilities(probs, cal["temperatures"]["image_only"])
+    order = np.argsort(probs[:, 2], kind="stable")
+    assert np.all(np.diff(again[order, 2]) >= 0)  # monotone: no ranking inverts (AUROC is unchanged)

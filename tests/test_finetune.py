@@ -42,6 +42,21 @@ def test_finetune_learns_and_tracks(first_run):
     assert max(s["epoch"] for s in states) == 2
 
 
+def test_the_model_is_calibrated_on_validation_before_it_is_logged(first_run):
+    workdir, facts = first_run
+    meta = json.loads((workdir / "model" / "medfuse_model.json").read_text())
+    cal, n_labels = meta["extra"]["calibration"], len(meta["label_names"])
+    assert cal["fitted_on"] == "validate" and cal["n"] > 0
+    for mode in ("image_only", "image_text"):
+        assert len(cal["temperatures"][mode]) == n_labels and all(0.05 <= t <= 20 for t in cal["temperatures"][mode])
+        assert len(meta["extra"]["thresholds"][mode]) == n_labels
+    client = mlflow.MlflowClient(facts["tracking_uri"])
+    run = client.get_run(facts["mlflow_run_id"])
+    assert {"val/image_text/ece_macro_before", "val/image_text/ece_macro_after"} <= set(run.data.metrics)
+    figures = {a.path for a in client.list_artifacts(run.info.run_id, "calibration")}
+    assert "calibration/reliability_validate_image_text.png" in figures
+
+
 def test_rerun_resumes_from_last_checkpoint(first_run, tiny_data):
     workdir, facts = first_run
     before = max(s["global_step"] for s, _ in finetune.find_checkpoints(workdir / "ray"))

@@ -26,7 +26,8 @@ from tests.conftest import REPO
 
 REPORT_CPU = REPO / "experiments" / "report_cxr_cpu.yaml"
 
-pytestmark = pytest.mark.slow
+# about 3 min on 2 cores: outside the default run (`python -m pytest -m heavy`; .ci/run runs them)
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]
 
 
 @pytest.fixture(scope="module")

@@ -65,3 +65,41 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: in
 def ece_per_label(probs: np.ndarray, labels: np.ndarray, names, n_bins: int = 10) -> dict[str, float]:
     """ECE for every finding column, by name."""
     return {name: expected_calibration_error(probs[:, j], labels[:, j], n_bins) for j, name in enumerate(names)}
+
+
+def logits_from_probabilities(probs: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+    """``log(p / (1 - p))``, with ``p`` clipped to ``[eps, 1 - eps]``."""
+    p = np.clip(np.asarray(probs, np.float64), eps, 1.0 - eps)
+    return np.log(p) - np.log1p(-p)
+
+
+def calibrate_probabilities(probs: np.ndarray, temperatures) -> np.ndarray:
+    """Temperature-scaled probabilities from uncalibrated ones (per finding column)."""
+    return apply_temperatures(logits_from_probabilities(probs), np.asarray(temperatures, np.float64))
+
+
+def fit_calibration(probs_by_mode: dict[str, np.ndarray], labels: np.ndarray, names) -> dict:
+    """Per scoring mode: temperatures fitted on these (validation) probabilities, the F1-best
+    operating point per finding on the calibrated probabilities, and ECE before and after.
+
+    Returns ``{"temperatures": {mode: [L]}, "thresholds": {mode: [L]}, "ece_before": {mode:
+    {label: e}}, "ece_after": {...}, "label_names": names, "n": N}``, JSON-ready.
+    """
+    from medfuse_core.evaluation.metrics import choose_thresholds
+
+    out: dict = {"temperatures": {}, "thresholds": {}, "ece_before": {}, "ece_after": {},
+                 "label_names": list(names), "n": int(len(labels))}
+    for mode, probs in probs_by_mode.items():
+        temps = fit_temperatures(logits_from_probabilities(probs), labels)
+        calibrated = calibrate_probabilities(probs, temps)
+        out["temperatures"][mode] = [float(t) for t in temps]
+        out["thresholds"][mode] = [float(t) for t in choose_thresholds(calibrated, labels)]
+        out["ece_before"][mode] = ece_per_label(probs, labels, names)
+        out["ece_after"][mode] = ece_per_label(calibrated, labels, names)
+    return out
+
+
+def macro(values: dict[str, float]) -> float:
+    """The mean of the non-NaN values (NaN if none)."""
+    finite = [v for v in values.values() if v == v]
+    return float(np.mean(finite)) if finite else float("nan")

@@ -29,16 +29,25 @@ def predict_probabilities(bundle, images: Sequence[np.ndarray], texts: Sequence[
     return np.concatenate(out) if out else np.zeros((0, len(bundle.label_names)), np.float32)
 
 
+def calibrated(bundle, probs: np.ndarray, mode: str) -> np.ndarray:
+    """``probs`` after the bundle's temperature scaling for ``mode`` (``image_only`` or
+    ``image_text``), fitted on validation when the model was trained; unchanged without one."""
+    from medfuse_core.evaluation.calibration import calibrate_probabilities
+
+    temps = ((bundle.extra or {}).get("calibration") or {}).get("temperatures", {}).get(mode)
+    return probs if temps is None else calibrate_probabilities(probs, temps)
+
+
 def score_rows(bundle, rows: dict) -> dict[str, np.ndarray]:
-    """Both scores for a columnar batch of shard rows: ``image_only`` and ``image_text``.
+    """Both scores for a columnar batch of shard rows: ``image_only`` and ``image_text``
+    (calibrated when the bundle carries temperatures), and each uncalibrated (``*_raw``).
 
     For an image-only model (no tokenizer) both are the image-only scores, computed once.
     """
     images = blobs_to_images(rows["image"], rows["image_size"])
     image_only = predict_probabilities(bundle, images, None)
-    if bundle.tokenizer is None:
-        return {"image_only": image_only, "image_text": image_only.copy()}
-    return {
-        "image_only": image_only,
-        "image_text": predict_probabilities(bundle, images, list(rows["context"])),
-    }
+    image_text = (image_only.copy() if bundle.tokenizer is None
+                  else predict_probabilities(bundle, images, list(rows["context"])))
+    return {"image_only": calibrated(bundle, image_only, "image_only"),
+            "image_text": calibrated(bundle, image_text, "image_text"),
+            "image_only_raw": image_only, "image_text_raw": image_text}

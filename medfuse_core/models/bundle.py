@@ -201,3 +201,14 @@ def load_encoder_weights(model: nn.Module, bundle_dir: str) -> int:
         raise RuntimeError(f"init_from: the pretrained model lacks {len(missing)} encoder tensors this model has")
     model.load_state_dict(source, strict=False)
     return len(source)
+
+
+def update_bundle_extra(bundle_dir: str | Path, updates: dict[str, Any]) -> dict:
+    """Set keys of a bundle's ``extra`` (e.g. fitted temperatures and thresholds) in place; returns it."""
+    path = Path(bundle_dir) / META_FILE
+    meta = read_bundle_meta(bundle_dir)
+    meta["extra"] = {**(meta.get("extra") or {}), **updates}
+    tmp = path.with_name(f".{META_FILE}.tmp")
+    tmp.write_text(json.dumps(meta, indent=2, default=_json_default) + "\n")
+    tmp.replace(path)
+    return meta["extra"]
