@@ -131,6 +131,16 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_predict(args) -> int:
+    from pipelines import predict
+
+    fmt = args.format or ("dicom-dir" if Path(args.input).is_dir() and not (Path(args.input) / "files").is_dir()
+                          else "mimic-cxr" if Path(args.input).is_dir() else "manifest")
+    out = predict.run(args.model, args.input, fmt, args.out, args.overrides)
+    print(json.dumps(out, indent=2))
+    return 0
+
+
 def cmd_sweep(args) -> int:
     from medfuse_core.sweep_config import load_sweep
     from pipelines import sweep
@@ -247,6 +257,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="CSV file to write")
     p.add_argument("overrides", nargs="*", help="decoding.KEY=VALUE, e.g. decoding.num_beams=3")
     p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("predict", help="batch prediction with a diagnosis model: calibrated probabilities and "
+                                       "0/1 findings per image (ingest path in front, Ray Data actor pool)")
+    p.add_argument("--model", required=True, help="finetune workdir, bundle folder, MLflow run id or model URI")
+    p.add_argument("--input", required=True, help="a folder of DICOM files, a manifest (.csv/.parquet) or a "
+                                                  "MIMIC-CXR root")
+    p.add_argument("--format", choices=["dicom-dir", "manifest", "mimic-cxr"], default=None,
+                   help="default: a folder with files/ is mimic-cxr, another folder dicom-dir, a file a manifest")
+    p.add_argument("--out", required=True, help="predictions file: .csv or .parquet")
+    p.add_argument("overrides", nargs="*", help="ingest settings key=value, e.g. views=[] (every view)")
+    p.set_defaults(fn=cmd_predict)
 
     p = sub.add_parser("sweep", help="Ray Tune sweep over experiment keys (each trial a Ray Train + DeepSpeed run); "
                                      "re-running the same workdir resumes it")

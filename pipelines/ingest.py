@@ -140,7 +140,7 @@ def run(fmt: str, root: str | Path, out: str | Path, cfg: IngestConfig | None = 
         raise SourceError(f"--out: {out} exists and is not an empty folder; choose a new one")
     t0 = time.time()
     ps = pseudonymizer_for(cfg, root)  # fails on a missing key before anything is read
-    if fmt == "manifest":
+    if fmt in ("manifest", "dicom-dir"):
         records, pre_quarantined = FORMATS[fmt](root, record_id_map=lambda rid: ps.pseudonym("record", rid))
     else:
         records, pre_quarantined = FORMATS[fmt](root)

@@ -90,9 +90,9 @@ MIN_KEY_BYTES = 16
 
 _KEY_HELP = (
     "provide the de-identification key in the environment variable {env} (hex, at least "
-    "32 hex characters), or in a key file passed as key_file= or named by {env}_FILE; "
-    "create one with medfuse_core.data.deid.generate_key_file(path) and keep it outside all "
-    "outputs. For synthetic data only, use Pseudonymizer.for_synthetic_data()."
+    "32 hex characters), or in a key file passed as deid.key_file=FILE or named by {env}_FILE; "
+    "create one with `medfuse keygen --out FILE` and keep it outside all outputs (the same key "
+    "gives the same pseudonyms, so keep one per archive)."
 )
 
 # Public, fixed key of the synthetic quickstart. Anyone can recompute these pseudonyms:

@@ -265,7 +265,30 @@ def manifest_records(path: str | Path, record_id_map: Callable[[str], str] | Non
     return records, quarantined
 
 
-FORMATS = {"mimic-cxr": mimic_cxr_records, "manifest": manifest_records}
+def dicom_dir_records(root: str | Path, record_id_map: Callable[[str], str] | None = None
+                      ) -> tuple[list[dict], list[dict]]:
+    """Records for a folder of DICOM files (``*.dcm``, any depth), e.g. for prediction: no
+    reports, no labels, every image in the ``test`` split. The record id is the file's path
+    under ``root`` through ``record_id_map`` (ingest passes the keyed pseudonymizer, so paths
+    that hold names or accession numbers never reach an output); each file is its own study."""
+    top = Path(root)
+    if not top.is_dir():
+        raise SourceError("--root: not a folder of DICOM files")
+    files = sorted(_dicom_files(top))
+    if not files:
+        raise SourceError("--root: no *.dcm files under the folder")
+    record_id_map = record_id_map or (lambda rid: rid)
+    records = []
+    for path in files:
+        rel = os.path.relpath(path, top)
+        rid = record_id_map(rel)
+        records.append({"record_id": rid, "study_id": rid, "patient_id": rid, "split": "test",
+                        "image_path": path, "report_path": "", "report": "",
+                        "labels": [float("nan")] * len(CHEXPERT_LABELS), "labelled": False, "view_hint": ""})
+    return records, []
+
+
+FORMATS = {"mimic-cxr": mimic_cxr_records, "manifest": manifest_records, "dicom-dir": dicom_dir_records}
 
 
 def patients_in_several_splits(records: list[dict]) -> list[str]:
