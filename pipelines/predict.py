@@ -35,27 +35,6 @@ def output_columns(labels: list[str]) -> list[str]:
     return ["record_id", "context_used"] + [f"prob:{n}" for n in labels] + [f"pred:{n}" for n in labels]
 
 
-def predict_frame(bundle, images: list[np.ndarray], contexts: list[str]) -> dict[str, np.ndarray]:
-    """Calibrated probabilities and 0/1 predictions for decoded images: image + context where a
-    row has context (and the model reads text), else image-only; per-mode temperatures and
-    thresholds from the bundle (0.5 when it has none)."""
-    from medfuse_core.evaluation.inference import calibrated, predict_probabilities
-
-    n, labels = len(images), bundle.label_names
-    use_text = np.array([bundle.tokenizer is not None and isinstance(c, str) and bool(c.strip()) for c in contexts])
-    probs = calibrated(bundle, predict_probabilities(bundle, images, None), "image_only")
-    if use_text.any():
-        idx = np.flatnonzero(use_text)
-        text_probs = predict_probabilities(bundle, [images[i] for i in idx], [contexts[i] for i in idx])
-        probs[idx] = calibrated(bundle, text_probs, "image_text")
-    thresholds = (bundle.extra or {}).get("thresholds") or {}
-    cut = np.full((n, len(labels)), 0.5, np.float32)
-    for mode, rows in (("image_only", ~use_text), ("image_text", use_text)):
-        if thresholds.get(mode) is not None:
-            cut[rows] = np.asarray(thresholds[mode], np.float32)
-    return {"prob": probs.astype(np.float32), "pred": (probs >= cut).astype(np.int8), "context_used": use_text}
-
-
 class _Predictor:
     """Ray Data callable class: loads the diagnosis bundle once per actor, predicts batches."""
 
@@ -69,6 +48,7 @@ class _Predictor:
 
     def __call__(self, rows: dict) -> dict:
         from medfuse_core.data.batching import blobs_to_images
+        from medfuse_core.evaluation.inference import predict_frame
 
         images = blobs_to_images(rows["image"], rows["image_size"])
         out = predict_frame(self.bundle, images, [c if isinstance(c, str) else "" for c in rows["context"]])

@@ -121,16 +121,62 @@ def log_ingest_run(workdir: str | Path, summary: dict, params: dict, data_dir: s
         return run.info.run_id
 
 
+# what the served model imports (medfuse_core itself travels as code, not as a requirement)
+SERVING_DISTRIBUTIONS = ("torch", "torchvision", "transformers", "safetensors", "tokenizers", "peft", "pydicom",
+                         "pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg", "pylibjpeg-rle",
+                         "opencv-python-headless", "numpy", "pandas", "scipy", "scikit-learn", "pydantic", "pyyaml")
+
+
+def serving_requirements() -> list[str]:
+    """Pinned requirements of the served model: the installed versions of what it imports."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for name in SERVING_DISTRIBUTIONS:
+        try:
+            out.append(f"{name}=={version(name)}")
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+def model_signature(bundle_dir: str | Path):
+    """The pyfunc signature of a bundle: ``dicom`` bytes + optional ``context`` in; out, per kind,
+    ``prob:``/``pred:`` per finding (diagnosis), ``embedding`` (stage 1) or ``report``, and ``error``."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, Schema
+
+    from medfuse_core.models.bundle import read_bundle_meta
+
+    meta = read_bundle_meta(bundle_dir)
+    inputs = Schema([ColSpec("binary", "dicom"), ColSpec("string", "context", required=False)])
+    kind = meta.get("kind", "diagnosis")
+    if kind == "report":
+        outputs = Schema([ColSpec("string", "report"), ColSpec("string", "error")])
+    elif kind == "contrastive":
+        return ModelSignature(inputs=inputs)  # an embedding per row (a list column)
+    else:
+        labels = meta["label_names"]
+        outputs = Schema([ColSpec("string", "record_id"), ColSpec("long", "context_used")]
+                         + [ColSpec("double", f"prob:{n}") for n in labels]
+                         + [ColSpec("long", f"pred:{n}") for n in labels] + [ColSpec("string", "error")])
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
 def log_model(bundle_dir: str | Path, registered_model: str | None, input_example=None) -> Any:
-    """Log a model bundle as an MLflow pyfunc model (models-from-code) and register it."""
+    """Log a model bundle as an MLflow pyfunc model (models-from-code, ``medfuse_core`` as its
+    code, pinned requirements that resolve from a package index), register it, alias ``candidate``."""
     import mlflow
-    from medfuse_core import __version__
+
+    import medfuse_core
 
     info = mlflow.pyfunc.log_model(
         name="model",
         python_model=str(MODEL_CODE),
         artifacts={"bundle": str(bundle_dir)},
-        pip_requirements=[f"medfuse=={__version__}"],
+        code_paths=[str(Path(medfuse_core.__file__).parent)],
+        pip_requirements=serving_requirements(),
+        signature=model_signature(bundle_dir),
         input_example=input_example,
         registered_model_name=registered_model,
     )

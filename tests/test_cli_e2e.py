@@ -56,6 +56,9 @@ def test_quickstart_then_evaluate_by_run_and_registry(ray_local, tmp_path, capsy
     import pandas as pd
 
     model = mlflow.pyfunc.load_model("models:/medfuse-cxr-diagnosis@candidate")
-    image = np.full((48, 48), 0.5).tolist()
-    probs = model.predict(pd.DataFrame({"image": [image, image], "context": ["shortness of breath", ""]}))
-    assert probs.shape == (2, 14) and ((probs.to_numpy() > 0) & (probs.to_numpy() < 1)).all()
+    dicom = next((workdir / "corpus").rglob("*.dcm")).read_bytes()
+    out = model.predict(pd.DataFrame({"dicom": [dicom, dicom, b"not a dicom file"],
+                                      "context": ["shortness of breath", "", ""]}))
+    probs = out[[c for c in out.columns if c.startswith("prob:")]].to_numpy()
+    assert probs.shape == (3, 14) and ((probs[:2] > 0) & (probs[:2] < 1)).all() and np.isnan(probs[2]).all()
+    assert list(out["context_used"]) == [1, 0, 0] and out["error"][2] and not out["error"][0]

@@ -45,7 +45,7 @@ def _read(path):
 def test_predict_a_mimic_cxr_root_matches_the_model_in_process(ray_local, bundle_dir, tiny_corpus, tiny_data, tmp_path):
     from medfuse_core.data.batching import blobs_to_images
     from medfuse_core.models.bundle import load_bundle
-    from pipelines.predict import predict_frame
+    from medfuse_core.evaluation.inference import predict_frame
     from pipelines.shards import read_split_table
 
     out = tmp_path / "preds.csv"
@@ -100,3 +100,64 @@ def test_predict_refuses_a_bad_output_name_before_any_work(bundle_dir, tiny_corp
     assert main(["predict", "--model", str(bundle_dir), "--input", str(tiny_corpus),
                  "--out", str(tmp_path / "preds.json")]) == 2
     assert "--out" in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
+@pytest.mark.heavy  # starts a real `mlflow models serve` process (about a minute): `python -m pytest -m heavy`
+def test_mlflow_models_serve_answers_an_http_client_like_medfuse_predict(ray_local, bundle_dir, tiny_corpus, tmp_path,
+                                                                       monkeypatch):
+    import base64
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    import mlflow
+
+    from pipelines import tracking
+
+    monkeypatch.setenv("MEDFUSE_DEID_KEY", "5a" * 32)
+    folder = tmp_path / "one"
+    folder.mkdir()
+    dicom = sorted(tiny_corpus.rglob("*.dcm"))[0]
+    shutil.copy(dicom, folder / "x.dcm")
+    assert main(["predict", "--model", str(bundle_dir), "--input", str(folder), "--out", str(tmp_path / "p.csv"),
+                 "views=[]"]) == 0
+    expected = _read(tmp_path / "p.csv")
+
+    uri = tracking.tracking_uri(tmp_path)
+    tracking.setup(tmp_path, "serve-test")
+    with mlflow.start_run():
+        tracking.log_model(bundle_dir, "medfuse-serve-test")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m",
+                               "models:/medfuse-serve-test@candidate", "--env-manager", "local", "-h", "127.0.0.1",
+                               "-p", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, "the model server did not come up"
+                time.sleep(1)
+        body = {"dataframe_split": {"columns": ["dicom", "context"],
+                                    "data": [[base64.b64encode(dicom.read_bytes()).decode(), ""],
+                                             [base64.b64encode(b"not a dicom").decode(), ""]]}}
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        answer = json.loads(urllib.request.urlopen(req, timeout=120).read())["predictions"]
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
+    assert len(answer) == 2 and answer[0]["error"] == "" and answer[1]["error"]
+    for name in CHEXPERT_LABELS:
+        assert abs(answer[0][f"prob:{name}"] - expected[f"prob:{name}"][0]) < 1e-5
+        assert answer[0][f"pred:{name}"] == expected[f"pred:{name}"][0]

@@ -51,3 +51,22 @@ def score_rows(bundle, rows: dict) -> dict[str, np.ndarray]:
     return {"image_only": calibrated(bundle, image_only, "image_only"),
             "image_text": calibrated(bundle, image_text, "image_text"),
             "image_only_raw": image_only, "image_text_raw": image_text}
+
+
+def predict_frame(bundle, images: list[np.ndarray], contexts: list[str]) -> dict[str, np.ndarray]:
+    """Calibrated probabilities and 0/1 predictions for decoded images: image + context where a
+    row has context (and the model reads text), else image-only; per-mode temperatures and
+    thresholds from the bundle (0.5 when it has none)."""
+    n, labels = len(images), bundle.label_names
+    use_text = np.array([bundle.tokenizer is not None and isinstance(c, str) and bool(c.strip()) for c in contexts])
+    probs = calibrated(bundle, predict_probabilities(bundle, images, None), "image_only")
+    if use_text.any():
+        idx = np.flatnonzero(use_text)
+        text_probs = predict_probabilities(bundle, [images[i] for i in idx], [contexts[i] for i in idx])
+        probs[idx] = calibrated(bundle, text_probs, "image_text")
+    thresholds = (bundle.extra or {}).get("thresholds") or {}
+    cut = np.full((n, len(labels)), 0.5, np.float32)
+    for mode, rows in (("image_only", ~use_text), ("image_text", use_text)):
+        if thresholds.get(mode) is not None:
+            cut[rows] = np.asarray(thresholds[mode], np.float32)
+    return {"prob": probs.astype(np.float32), "pred": (probs >= cut).astype(np.int8), "context_used": use_text}
