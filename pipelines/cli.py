@@ -141,6 +141,15 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_promote(args) -> int:
+    from pipelines import promote
+
+    decision = promote.promote(args.name, args.metric, args.min_gain, os.environ.get("MLFLOW_TRACKING_URI")
+                               or (f"sqlite:///{Path(args.workdir).resolve() / 'mlflow.db'}" if args.workdir else None))
+    print(json.dumps(decision, indent=2))
+    return 0 if decision["promoted"] or decision["reason"] == "already the champion" else 1
+
+
 def cmd_sweep(args) -> int:
     from medfuse_core.sweep_config import load_sweep
     from pipelines import sweep
@@ -268,6 +277,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="predictions file: .csv or .parquet")
     p.add_argument("overrides", nargs="*", help="ingest settings key=value, e.g. views=[] (every view)")
     p.set_defaults(fn=cmd_predict)
+
+    p = sub.add_parser("promote", help="move a registered model's 'champion' alias to its 'candidate' when the "
+                                       "candidate's validation metric is at least the champion's (exit 1 if not)")
+    p.add_argument("--name", required=True, help="registered model name, e.g. medfuse-cxr-diagnosis")
+    p.add_argument("--metric", default="best/auroc_macro", help="a metric of the versions' training runs")
+    p.add_argument("--min-gain", type=float, default=0.0, help="the candidate must beat the champion by this much")
+    p.add_argument("--workdir", default=None, help="the workdir whose MLflow store holds the registry "
+                                                   "(default: MLFLOW_TRACKING_URI)")
+    p.set_defaults(fn=cmd_promote)
 
     p = sub.add_parser("sweep", help="Ray Tune sweep over experiment keys (each trial a Ray Train + DeepSpeed run); "
                                      "re-running the same workdir resumes it")
