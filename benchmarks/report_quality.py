@@ -71,6 +71,7 @@ def main() -> int:
     p.add_argument("--config", default=str(REPO / "experiments" / "report_cxr_cpu.yaml"))
     p.add_argument("--workdir", type=Path, default=None)
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "report_quality.json")
+    p.add_argument("--rescore", action="store_true", help="score the drafts an earlier run left in --workdir")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
 
@@ -84,18 +85,22 @@ def main() -> int:
     workdir = args.workdir or args.work / f"report-{int(time.time())}"
     env = {**os.environ, "MEDFUSE_PROGRESS": "0"}
     say(f"machine: {json.dumps(machine_facts())}")
-    t0 = time.time()
-    subprocess.run([sys.executable, "-m", "pipelines.cli", "train-report", "--config", args.config, "--data", str(data),
-                    "--workdir", str(workdir), *args.overrides], check=True, env=env, cwd=str(REPO))
-    train_s = time.time() - t0
-    say(f"trained in {train_s:.0f} s")
-    t0 = time.time()
     ev = workdir / "evaluate.json"
-    subprocess.run([sys.executable, "-m", "pipelines.cli", "evaluate", "--model", str(workdir), "--data", str(data),
-                    "--out", str(ev)], check=True, env=env, cwd=str(REPO))
-    eval_s = time.time() - t0
+    train_s = eval_s = float("nan")
+    if args.rescore and ev.exists():
+        say(f"re-scoring the drafts already in {workdir}")
+    else:
+        t0 = time.time()
+        subprocess.run([sys.executable, "-m", "pipelines.cli", "train-report", "--config", args.config, "--data",
+                        str(data), "--workdir", str(workdir), *args.overrides], check=True, env=env, cwd=str(REPO))
+        train_s = time.time() - t0
+        say(f"trained in {train_s:.0f} s")
+        t0 = time.time()
+        subprocess.run([sys.executable, "-m", "pipelines.cli", "evaluate", "--model", str(workdir), "--data",
+                        str(data), "--out", str(ev)], check=True, env=env, cwd=str(REPO))
+        eval_s = time.time() - t0
     result = json.loads(ev.read_text())
-    with open(result["drafts_csv"], newline="") as fh:
+    with open(ev.with_name(f"{ev.stem}_drafts.csv"), newline="") as fh:
         rows = list(csv.DictReader(fh))
     drafts = [r["report"] for r in rows]
     refs = [r["reference"] for r in rows]
