@@ -193,6 +193,35 @@ def attention_figure(bundle_dir: Path, data_dir: Path, scored_labels=None, n: in
     return plots.attention_maps(np.stack(resized), amap.reshape(len(images), *grid), titles)
 
 
+def grad_cam_figure(bundle_dir: Path, data_dir: Path, scored_labels=None, n: int = 6):
+    """Grad-CAM of each image's top finding (among ``scored_labels``) over a few labelled test images."""
+    import torch
+
+    from medfuse_core.data.batching import blobs_to_images, images_to_tensor
+    from medfuse_core.evaluation.explain import grad_cam
+    from medfuse_core.models.bundle import load_bundle
+    from pipelines import plots
+
+    table = read_split_table(data_dir, "test", ["image", "image_size"], limit=n)
+    if table is None or table.num_rows == 0:
+        return None
+    rows = table.to_pydict()
+    bundle = load_bundle(bundle_dir)
+    images = blobs_to_images(rows["image"], rows["image_size"])
+    x = images_to_tensor(images, bundle.image_size)
+    with torch.no_grad():
+        probs = torch.sigmoid(bundle.model(x)["logits"]).numpy()
+    keep = [j for j, name in enumerate(bundle.label_names) if scored_labels is None or name in scored_labels]
+    maps, titles = [], []
+    for k in range(len(images)):
+        j = max(keep, key=lambda j: probs[k, j]) if keep else 0
+        maps.append(grad_cam(bundle.model, x[k:k + 1], j)[0])
+        titles.append(f"{bundle.label_names[j]} {probs[k, j]:.2f}")
+    shown = [np.asarray(x[k, 0] * 0.25 + 0.5) for k in range(len(images))]
+    return plots.heat_maps(np.stack(shown), np.stack(maps), titles,
+                           "Grad-CAM of each image's top finding (vision encoder, image-only)")
+
+
 def _run_note(result: dict) -> str:
     """A short Markdown description for the MLflow run page."""
     source = ("Thresholds chosen on the validation split." if result["thresholds_from"] == "validate"
@@ -287,8 +316,10 @@ def run(model_ref: str, data_dir: str | Path, out: str | Path, log_images: bool 
                         "(F1 is not tuned; AUROC/AUPRC are unaffected)")
         run_id = facts.get("mlflow_run_id")
         figure = None
+        cam = None
         if log_images and run_id:
             figure = attention_figure(bundle_dir, data_dir, _scorable(parts, names))
+            cam = grad_cam_figure(bundle_dir, data_dir, _scorable(parts, names))
         elif log_images:
             log.warning("--log-images: %s has no MLflow run to log images to; none logged", model_ref)
     result = {"model": model_ref, "data_digest": summary.get("digest"), "blank_policy": blank_policy,
@@ -324,4 +355,6 @@ def run(model_ref: str, data_dir: str | Path, out: str | Path, log_images: bool 
                                   f"evaluation/reliability_{mode}.png")
             if figure is not None:
                 mlflow.log_figure(figure, "evaluation/attention_maps.png")
+            if cam is not None:
+                mlflow.log_figure(cam, "evaluation/grad_cam.png")
     return result

@@ -114,3 +114,18 @@ def attention_maps(images: np.ndarray, maps: np.ndarray, titles: list[str]) -> p
     fig.suptitle("Where the clinical context looks (co-attention, text → image)")
     fig.tight_layout()
     return fig
+
+
+def heat_maps(images: np.ndarray, maps: np.ndarray, titles: list[str], title: str) -> plt.Figure:
+    """Images with a [0, 1] heat map each (e.g. Grad-CAM) overlaid."""
+    n = len(images)
+    fig, axes = plt.subplots(1, n, figsize=(3 * n, 3.4), squeeze=False)
+    for ax, image, amap, label in zip(axes[0], images, maps, titles):
+        ax.imshow(image, cmap="gray")
+        ax.imshow(amap, cmap="jet", alpha=0.4, extent=(0, image.shape[1], image.shape[0], 0),
+                  interpolation="bilinear", vmin=0, vmax=1)
+        ax.set_title(label, fontsize=8)
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig

@@ -198,14 +198,19 @@ def test_images_reach_mlflow_only_with_log_images(ray_local, bundle_dir, data_di
 
     assert main(["evaluate", "--model", str(workdir), "--data", str(data_dir), "--out", str(tmp_path / "a.json")]) == 0
     assert {"evaluation/metrics.json", "evaluation/roc_curves.png"} <= artifacts()
-    assert "evaluation/attention_maps.png" not in artifacts()
+    assert not {"evaluation/attention_maps.png", "evaluation/grad_cam.png"} & artifacts()
+    assert {"evaluation/reliability_image_only.png", "evaluation/reliability_image_text.png"} <= artifacts()
+    result = json.loads((tmp_path / "a.json").read_text())
+    assert result["calibration"]["fitted"] is False  # this bundle carries no temperatures: before = after
+    cal = result["calibration"]["image_text"]
+    assert cal["ece_macro_before"] == cal["ece_macro_after"]
     inputs = client.get_run(run_id).inputs.dataset_inputs
     evaluation = [i for i in inputs if {t.key: t.value for t in i.tags}.get("mlflow.data.context") == "evaluation"]
     assert len(evaluation) == 1 and evaluation[0].dataset.digest == f"{12345:064x}"[:36]
 
     assert main(["evaluate", "--model", str(workdir), "--data", str(data_dir), "--out", str(tmp_path / "b.json"),
                  "--log-images"]) == 0
-    assert "evaluation/attention_maps.png" in artifacts()
+    assert {"evaluation/attention_maps.png", "evaluation/grad_cam.png"} <= artifacts()
 
 
 def test_device_wrapper_scores_like_the_bare_model(bundle_dir, data_dir):
