@@ -303,6 +303,10 @@ def run_training(stage: str, cfg, data_dir: str | Path, workdir: str | Path, *, 
         best_name = f"best/{objective.score_key.split('/', 1)[-1]}"
         mlflow.log_metrics({best_name: best_state.get("score", float("nan")), "best/epoch": best_state["epoch"]})
         registered = cfg.tracking.registered_model if ctx.register else None
+        from pipelines.model_card import write_model_card
+
+        card = write_model_card(model_dir, facts, summary)
+        mlflow.log_artifact(str(card))  # on the run page, and inside the logged model's bundle
         info = tracking.log_model(model_dir, registered)
         facts.update({"best_epoch": best_state["epoch"], "best_score": best_state.get("score"),
                       "score_key": objective.score_key, "model_dir": str(model_dir), "model_uri": info.model_uri,

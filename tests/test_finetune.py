@@ -55,6 +55,11 @@ def test_the_model_is_calibrated_on_validation_before_it_is_logged(first_run):
     assert {"val/image_text/ece_macro_before", "val/image_text/ece_macro_after"} <= set(run.data.metrics)
     figures = {a.path for a in client.list_artifacts(run.info.run_id, "calibration")}
     assert "calibration/reliability_validate_image_text.png" in figures
+    # the model card travels with the model and sits on the run page
+    card = (workdir / "model" / "MODEL_CARD.md").read_text()
+    for section in ("## Intended use", "## Data", "## Validation", "## Limits"):
+        assert section in card
+    assert "MODEL_CARD.md" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
 
 def test_rerun_resumes_from_last_checkpoint(first_run, tiny_data):
