@@ -148,6 +148,7 @@ def test_unknown_lora_target_is_named(lm_dirs):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # 1-3 min on 2 cores: keeps the default run under 20 min; CI runs -m heavy
 def test_lora_causal_lm_trains_under_zero3_with_accumulation(lm_dirs, tiny_data, tmp_path):
     """A causal LM with LoRA through the whole path: Ray Train, DeepSpeed ZeRO-3 on 2 workers,
     gradient accumulation, every rank's shards in one checkpoint, a bundle that loads without DeepSpeed."""

@@ -87,6 +87,7 @@ def test_resume_refuses_changed_settings(first_run, tiny_data):
         finetune.run(cfg, tiny_data, workdir)
 
 
+@pytest.mark.heavy  # 1-3 min on 2 cores: keeps the default run under 20 min; CI runs -m heavy
 def test_zero3_with_fewer_validation_batches_than_workers(tiny_data, tmp_path):
     """ZeRO-3 gathers parameters in every forward: a rank with no validation batch must pad, not hang."""
     cfg = load_config(CPU_EXPERIMENT, TINY_OVERRIDES + ["deepspeed.zero_stage=3", "train.batch_size=16",
@@ -139,6 +140,7 @@ def test_cli_refuses_a_label_table_without_positives(tiny_data, tmp_path, capsys
     assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.heavy  # 1-3 min on 2 cores: keeps the default run under 20 min; CI runs -m heavy
 def test_zero0_checkpoints_resume_and_refuse_other_data(tiny_data, tmp_path):
     """ZeRO stage 0 writes no ZeRO optimizer shards; its checkpoints must still count and resume."""
     from medfuse_core.data.sources import SourceError
