@@ -6,8 +6,7 @@ missing means image-only) and answers, per row, ``record_id`` (the row's index),
 ``prob:<label>`` (calibrated) and ``pred:<label>`` (0/1 at the validation operating point), the
 columns of ``medfuse predict``, plus ``error``: a reason code for a file that does not decode
 (its probabilities are NaN), never an exception. Decoding, the temperatures and the thresholds
-are the ones in the bundle. An ``image`` column (a size x size grid of [0, 1] floats) is taken
-instead of ``dicom`` for callers with decoded pixels. A stage-1 (contrastive) bundle returns each
+are the ones in the bundle. A stage-1 (contrastive) bundle returns each
 image's embedding (``embedding``), a report model a draft (FINDINGS + IMPRESSION, ``report``).
 """
 
@@ -23,8 +22,6 @@ def _images(bundle, frame: pd.DataFrame) -> tuple[list, list[str]]:
     from medfuse_core.data.dicom import DicomDecodeError, decode_dicom
 
     size = bundle.image_size
-    if "dicom" not in frame:
-        return [np.asarray(img, dtype=np.float32).reshape(size, size) for img in frame["image"]], [""] * len(frame)
     images, errors = [], []
     for blob in frame["dicom"]:
         try:

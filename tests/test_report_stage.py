@@ -9,7 +9,6 @@ import csv
 import json
 
 import mlflow
-import numpy as np
 import pandas as pd
 import pytest
 import pyarrow.dataset as pads
@@ -107,10 +106,11 @@ def test_evaluate_scores_drafts_and_logs_them(trained, tiny_data, tmp_path):
             "evaluation/test_drafts.csv"} <= artifacts
 
 
-def test_the_registered_report_model_serves_drafts_as_a_pyfunc(trained):
+def test_the_registered_report_model_serves_drafts_as_a_pyfunc(trained, tiny_corpus):
     _, facts = trained
     mlflow.set_tracking_uri(facts["tracking_uri"])
     model = mlflow.pyfunc.load_model(facts["model_uri"])
-    image = np.random.default_rng(0).random((48, 48)).astype(np.float32)
-    out = model.predict(pd.DataFrame({"image": [image.tolist()], "context": ["Fever."]}))
-    assert list(out.columns) == ["report"] and has_findings_and_impression(out["report"][0])
+    dicom = next(tiny_corpus.rglob("*.dcm")).read_bytes()
+    out = model.predict(pd.DataFrame({"dicom": [dicom, b"not a dicom"], "context": ["Fever.", ""]}))
+    assert list(out.columns) == ["report", "error"] and has_findings_and_impression(out["report"][0])
+    assert out["error"][0] == "" and out["error"][1] and out["report"][1] == ""
