@@ -12,8 +12,7 @@ from pathlib import Path
 from medfuse_core.config import PretrainConfig
 from medfuse_core.data.sources import SourceError
 from pipelines.ingest import load_summary
-from pipelines.shards import read_split
-from pipelines.training import check_image_size, run_training
+from pipelines.training import check_image_size, objective_datasets, run_training
 
 STATE_FILE = "pretrain.json"
 
@@ -31,22 +30,11 @@ def check_data(cfg: PretrainConfig, summary: dict) -> tuple[int, int]:
     return n_train, n_val
 
 
-def _datasets(data_dir: Path, cfg: PretrainConfig):
-    from pipelines.runtime import quiet_data_progress
-
-    from medfuse_core.objectives import OBJECTIVES
-
-    quiet_data_progress()
-    columns = list(OBJECTIVES.get(cfg.objective.name).columns)
-    return {"train": read_split(data_dir, "train", columns, shuffle_seed=cfg.train.seed),
-            "validate": read_split(data_dir, "validate", columns)}
-
-
 def run(cfg: PretrainConfig, data_dir: str | Path, workdir: str | Path, context=None) -> dict:
     """Pretrain (or resume) and log/register the best stage-1 model; returns the run facts."""
     data_dir = Path(data_dir)
     summary = load_summary(data_dir)
     n_train, n_val = check_data(cfg, summary)
     return run_training("pretrain", cfg, data_dir, workdir, summary=summary,
-                        datasets_fn=lambda: _datasets(data_dir, cfg), n_train=n_train, n_val=n_val,
+                        datasets_fn=lambda: objective_datasets(data_dir, cfg), n_train=n_train, n_val=n_val,
                         context=context)

@@ -14,8 +14,7 @@ from pathlib import Path
 from medfuse_core.config import ReportConfig
 from medfuse_core.data.sources import SourceError
 from pipelines.ingest import load_summary
-from pipelines.shards import read_split
-from pipelines.training import check_image_size, prepare_init_from, run_training
+from pipelines.training import check_image_size, objective_datasets, prepare_init_from, run_training
 
 STATE_FILE = "report.json"
 
@@ -33,16 +32,6 @@ def check_data(cfg: ReportConfig, summary: dict) -> tuple[int, int]:
     return n_train, n_val
 
 
-def _datasets(data_dir: Path, cfg: ReportConfig):
-    from medfuse_core.objectives import OBJECTIVES
-    from pipelines.runtime import quiet_data_progress
-
-    quiet_data_progress()
-    columns = list(OBJECTIVES.get(cfg.objective.name).columns)
-    return {"train": read_split(data_dir, "train", columns, shuffle_seed=cfg.train.seed),
-            "validate": read_split(data_dir, "validate", columns)}
-
-
 def run(cfg: ReportConfig, data_dir: str | Path, workdir: str | Path, context=None) -> dict:
     """Train (or resume) a report generator; log and register the best model; returns the run facts."""
     data_dir = Path(data_dir)
@@ -54,6 +43,6 @@ def run(cfg: ReportConfig, data_dir: str | Path, workdir: str | Path, context=No
                                       ("vision.in_channels", cfg.model.vision.in_channels),
                                       ("lm.name_or_path", cfg.model.lm.name_or_path)])
         return run_training("report", cfg, data_dir, workdir, summary=summary,
-                            datasets_fn=lambda: _datasets(data_dir, cfg), n_train=n_train, n_val=n_val,
+                            datasets_fn=lambda: objective_datasets(data_dir, cfg), n_train=n_train, n_val=n_val,
                             loop_extra=loop_extra, tags=tags, facts_extra={"lineage": lineage},
                             context=context)

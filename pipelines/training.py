@@ -117,6 +117,19 @@ def check_image_size(cfg, summary: dict) -> None:
                     cfg.name, stored, cfg.data.image_size)
 
 
+def objective_datasets(data_dir: Path, cfg):
+    """Train (a new file order every epoch) and validate datasets of every row, with the columns
+    the experiment's objective reads (stage 1 and report generation: labelled or not)."""
+    from medfuse_core.objectives import OBJECTIVES
+    from pipelines.runtime import quiet_data_progress
+    from pipelines.shards import read_split
+
+    quiet_data_progress()
+    columns = list(OBJECTIVES.get(cfg.objective.name).columns)
+    return {"train": read_split(data_dir, "train", columns, shuffle_seed=cfg.train.seed),
+            "validate": read_split(data_dir, "validate", columns)}
+
+
 def prepare_init_from(cfg, workdir: str | Path, tmp: Path, checks: list[tuple[str, object]]):
     """Resolve ``cfg.init_from`` (a workdir, bundle folder, run id or models:/ URI), refuse a
     model whose ``model.<key>`` differs from this experiment's for each ``(key, value)`` in
