@@ -51,15 +51,31 @@ def corpus_identifiers(corpus: Path) -> list[str]:
     return sorted(ids)
 
 
-def references(data: Path, split: str) -> list[str]:
+def references(data: Path, split: str, with_ids: bool = False):
     import pyarrow.dataset as pads
 
     from medfuse_core.data.reports import extract_sections
     from medfuse_core.models.report import report_target
 
     t = pads.dataset(str(data / "shards" / f"split={split}"), format="parquet", partitioning=None).to_table(
-        columns=["report"])
-    return [report_target(extract_sections(r or "")) for r in t.column("report").to_pylist()]
+        columns=["record_id", "report"])
+    refs = [report_target(extract_sections(r or "")) for r in t.column("report").to_pylist()]
+    return dict(zip(t.column("record_id").to_pylist(), refs)) if with_ids else refs
+
+
+def score_validate(data: Path, workdir: Path, env: dict) -> dict:
+    """``medfuse generate --split validate`` scored like evaluate scores test (the split that
+    chooses defaults; test is only reported)."""
+    from pipelines.evaluate_report import score_drafts
+
+    out = workdir / "validate_drafts.csv"
+    if not out.exists():
+        subprocess.run([sys.executable, "-m", "pipelines.cli", "generate", "--model", str(workdir), "--data", str(data),
+                        "--split", "validate", "--out", str(out)], check=True, env=env, cwd=str(REPO))
+    refs = references(data, "validate", with_ids=True)
+    with open(out, newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if refs.get(r["record_id"], "").strip()]
+    return score_drafts([r["report"] for r in rows], [refs[r["record_id"]] for r in rows])
 
 
 def main() -> int:
@@ -72,6 +88,7 @@ def main() -> int:
     p.add_argument("--workdir", type=Path, default=None)
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "report_quality.json")
     p.add_argument("--rescore", action="store_true", help="score the drafts an earlier run left in --workdir")
+    p.add_argument("--validate", action="store_true", help="also draft and score the validate split")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
 
@@ -114,9 +131,10 @@ def main() -> int:
                                                [refs[k] for k in keep]),
     }
     leaks = leaked_identifiers(drafts, corpus_identifiers(corpus))
+    validate = score_validate(data, workdir, env) if args.validate else None
     out = {"command": " ".join(sys.argv), "machine": machine_facts(), "data": str(data), "workdir": str(workdir),
            "train_seconds": train_s, "evaluate_seconds": eval_s, "model": result["report_generation"],
-           "baselines": baselines, "identifier_leaks": len(leaks), "samples": rows[:3]}
+           "baselines": baselines, "identifier_leaks": len(leaks), "samples": rows[:3], "validate": validate}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2))
 
@@ -129,6 +147,8 @@ def main() -> int:
     print("\n| drafts | macro F1-14 (labels scored) | micro F1-14 | macro F1-5 | micro F1-5 | BLEU-4 | ROUGE-L | "
           "FINDINGS+IMPRESSION |\n|---|--:|--:|--:|--:|--:|--:|--:|")
     print(line("medfuse train-report", out["model"]))
+    if validate:
+        print(line("medfuse train-report, validate split", validate))
     for name, m in baselines.items():
         print(line(name.replace("_", " "), m))
     print(f"\nidentifier leaks in {len(drafts)} drafts: {len(leaks)}; training {train_s:.0f} s, evaluate {eval_s:.0f} s")

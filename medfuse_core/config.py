@@ -340,6 +340,24 @@ class ConnectorConfig(_Section):
     heads: int = Field(4, ge=1)
 
 
+class GuidanceConfig(_Section):
+    """Classification-guided drafting (PromptMRG-style): a findings head on the image features is
+    trained beside the LM (masked BCE on the study's labels, positive = 1), and the LM reads the
+    flagged findings as a prompt (``Flagged: <names>.``) before the report. Training prompts
+    flag the study's labels; drafts flag the head's probabilities at the per-finding F1-best
+    thresholds chosen on the validation split when training ends."""
+
+    enabled: bool = False
+    labels: list[str] = Field(default_factory=lambda: list(CHEXPERT_LABELS))
+    loss_weight: float = Field(1.0, ge=0.0)  # of the head's BCE, beside the report's cross-entropy
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_known(cls, v: list[str]) -> list[str]:
+        _check_labels(v)
+        return v
+
+
 class ReportModelConfig(_Section):
     """Vision encoder, connector and causal language model (by name or local path)."""
 
@@ -347,6 +365,7 @@ class ReportModelConfig(_Section):
     # any transformers causal LM; "minilm" = the packaged MiniLM loaded as a decoder (BERT with is_decoder)
     lm: TextConfig = TextConfig(max_tokens=96)
     connector: ConnectorConfig = ConnectorConfig()
+    guidance: GuidanceConfig = GuidanceConfig()
 
     @model_validator(mode="after")
     def _needs_lm(self) -> "ReportModelConfig":

@@ -8,6 +8,7 @@ See :mod:`pipelines.training` for the workdir layout and resume.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from pipelines.ingest import load_summary
 from pipelines.training import check_image_size, objective_datasets, prepare_init_from, run_training
 
 STATE_FILE = "report.json"
+log = logging.getLogger("medfuse")
 
 
 def check_data(cfg: ReportConfig, summary: dict) -> tuple[int, int]:
@@ -45,4 +47,58 @@ def run(cfg: ReportConfig, data_dir: str | Path, workdir: str | Path, context=No
         return run_training("report", cfg, data_dir, workdir, summary=summary,
                             datasets_fn=lambda: objective_datasets(data_dir, cfg), n_train=n_train, n_val=n_val,
                             loop_extra=loop_extra, tags=tags, facts_extra={"lineage": lineage},
-                            context=context)
+                            context=context, finalize_model=lambda model_dir: finalize(model_dir, data_dir))
+
+
+def finalize(model_dir: Path, data_dir: Path) -> tuple[dict, dict]:
+    """A guided model's flag thresholds, chosen on validation (the F1-best point per finding),
+    stored in the bundle's ``extra`` (``guide_thresholds``); returns ``(metrics, figures)``."""
+    import numpy as np
+
+    from medfuse_core.evaluation.metrics import choose_thresholds, multilabel_metrics
+    from medfuse_core.models.bundle import read_bundle_meta, update_bundle_extra
+
+    meta = read_bundle_meta(model_dir)
+    names = ((meta.get("model_config") or {}).get("guidance") or {})
+    if not names.get("enabled"):
+        return {}, {}
+    names = list(names["labels"])
+    probs, labels = guide_scores(model_dir, data_dir, "validate")
+    if len(probs) == 0:
+        log.warning("guidance: no labelled validate rows; drafts flag findings at probability 0.5")
+        return {}, {}
+    thresholds = choose_thresholds(probs, labels)
+    update_bundle_extra(model_dir, {"guide_thresholds": {n: float(t) for n, t in zip(names, thresholds)}})
+    m = multilabel_metrics(probs, labels, names, thresholds)
+    log.info("guidance on %d validate images: macro AUROC %.3f, macro F1 %.3f at the chosen thresholds",
+             len(probs), m["auroc_macro"], m["f1_macro"])
+    metrics = {"val/guide/auroc_macro": m["auroc_macro"], "val/guide/f1_macro": m["f1_macro"],
+               "val/guide/n": float(len(probs))}
+    return {k: v for k, v in metrics.items() if v == v and np.isfinite(v)}, {}
+
+
+def guide_scores(model_dir: Path, data_dir: Path, split: str):
+    """The guidance head's probabilities and the labels (positive 1, else 0) of a split's
+    labelled images, streamed through the driver a batch at a time."""
+    import numpy as np
+    import torch
+
+    from medfuse_core.data.batching import blobs_to_tensor
+    from medfuse_core.models.bundle import load_bundle
+    from medfuse_core.models.report import guide_flags
+    from medfuse_core.objectives.report_generation import guide_batch
+    from pipelines.shards import read_split
+
+    bundle = load_bundle(model_dir)
+    names = list(bundle.model.guide_labels)
+    probs, labels = [], []
+    ds = read_split(data_dir, split, ["image", "image_size", "labels", "labelled"], labelled_only=True)
+    for rows in ds.iter_batches(batch_size=64, batch_format="numpy"):
+        images = blobs_to_tensor(rows["image"], rows["image_size"], bundle.image_size)
+        with torch.no_grad():
+            p, _ = guide_flags(bundle.model, images)
+        probs.append(p.numpy())
+        labels.append(guide_batch(rows, bundle.tokenizer, names)["guide_targets"].numpy())
+    if not probs:
+        return np.zeros((0, len(names))), np.zeros((0, len(names)))
+    return np.concatenate(probs), np.concatenate(labels)

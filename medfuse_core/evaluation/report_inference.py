@@ -45,9 +45,12 @@ def draft_batch(bundle, images: torch.Tensor, contexts: Sequence[str] | None,
         ctx_ids, ctx_mask = encode_context(bundle.tokenizer, list(contexts), int(extra.get("max_context_tokens", 32)))
         ctx_ids, ctx_mask = ctx_ids.to(device), ctx_mask.to(device)
     decoding = DecodingConfig(**{k: v for k, v in settings.model_dump().items() if k != "seed"})
+    cuts = extra.get("guide_thresholds") or {}
+    thresholds = [cuts.get(n, 0.5) for n in bundle.model.guide_labels] if bundle.model.guide_head is not None else None
     torch.manual_seed(settings.seed)
     with torch.no_grad():
-        return draft_reports(bundle.model, images.to(device), bundle.tokenizer, decoding, ctx_ids, ctx_mask)
+        return draft_reports(bundle.model, images.to(device), bundle.tokenizer, decoding, ctx_ids, ctx_mask,
+                             guide_thresholds=thresholds)
 
 
 def draft_rows(bundle, rows: dict, settings: DecodingSettings) -> list[str]:

@@ -7,6 +7,11 @@ The vision encoder's tokens reach the LM through a connector, chosen by name fro
 * ``cross_attention`` (BLIP-2 / Flamingo-resampler style): a fixed number of learned queries
   cross-attend over the vision tokens, so the LM reads ``num_queries`` tokens whatever the grid.
 
+With guidance (``model.guidance``, PromptMRG-style), a findings head on the pooled vision tokens
+scores each label, and the LM also reads the flagged findings as a prompt: the sequence is
+``[prefix] [context tokens] [Flagged: ...] [report tokens]``. Training flags the study's labels;
+drafts flag the head's probabilities at the thresholds given (chosen on validation).
+
 The sequence the LM sees is ``[prefix] [context tokens] [report tokens]``, packed so each row's
 real tokens are contiguous and end the row (padding first, positions counted over real tokens),
 so a padded context leaves no gap and the LM head runs on the report positions only; teacher forcing scores
@@ -20,7 +25,7 @@ without an IMPRESSION is continued from ``... IMPRESSION:`` (the model writes bo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -87,15 +92,18 @@ class ReportGenerator(nn.Module):
     returns the mean cross-entropy over report tokens (``labels_mask`` True) and the logits.
     """
 
-    num_labels = 0  # no classifier head
+    num_labels = 0  # no diagnosis head (the guidance head only steers the drafts)
 
-    def __init__(self, vision_encoder: nn.Module, lm: nn.Module, connector: str = "prefix", **connector_args):
+    def __init__(self, vision_encoder: nn.Module, lm: nn.Module, connector: str = "prefix",
+                 guide_labels: Sequence[str] = (), **connector_args):
         super().__init__()
         self.vision_encoder = vision_encoder
         self.lm = lm
         hidden = lm.get_input_embeddings().embedding_dim
         self.connector_name = connector
         self.connector = CONNECTORS.get(connector)(vision_encoder.out_dim, hidden, **connector_args)
+        self.guide_labels = tuple(guide_labels)
+        self.guide_head = nn.Linear(vision_encoder.out_dim, len(self.guide_labels)) if self.guide_labels else None
 
     def param_groups(self, lr: float, text_lr: float, weight_decay: float) -> list[dict]:
         """Optimizer groups: the language model (``lm.*``) at ``text_lr``, the rest at ``lr``."""
@@ -107,29 +115,40 @@ class ReportGenerator(nn.Module):
         """The image as LM input embeddings ``[B, P, H]``."""
         return self.connector(self.vision_encoder(images))
 
-    def _inputs(self, images, ids, mask, context_ids, context_mask, labels=None, pad_left=False):
+    def guide_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """The guidance head's logits ``[B, L]`` (one per ``guide_labels`` name)."""
+        if self.guide_head is None:
+            raise ValueError("this report model has no guidance head (model.guidance.enabled is false)")
+        return self.guide_head(self.vision_encoder(images).mean(1))
+
+    def _inputs(self, vision_tokens, parts, labels=None, pad_left=False):
+        """``[prefix] + parts`` (``(ids, mask)`` pairs, ``None`` ids skipped) as packed embeddings,
+        mask and labels; ``labels`` belong to the last part, every other position is IGNORE."""
         embed = self.lm.get_input_embeddings()
-        prefix = self.prefix(images).to(embed.weight.dtype)
-        parts, masks = [prefix], [torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)]
+        prefix = self.connector(vision_tokens).to(embed.weight.dtype)
+        embeds, masks = [prefix], [torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)]
         label_parts = [torch.full(prefix.shape[:2], IGNORE, dtype=torch.long, device=prefix.device)]
-        for part_ids, part_mask, part_labels in ((context_ids, context_mask, None), (ids, mask, labels)):
+        for k, (part_ids, part_mask) in enumerate(parts):
             if part_ids is None:
                 continue
-            parts.append(embed(part_ids))
+            embeds.append(embed(part_ids))
             masks.append(part_mask.long())
-            label_parts.append(torch.full_like(part_ids, IGNORE) if part_labels is None else part_labels)
-        return pack(torch.cat(parts, 1), torch.cat(masks, 1), torch.cat(label_parts, 1), pad_left)
+            scored = labels is not None and k == len(parts) - 1
+            label_parts.append(labels if scored else torch.full_like(part_ids, IGNORE))
+        return pack(torch.cat(embeds, 1), torch.cat(masks, 1), torch.cat(label_parts, 1), pad_left)
 
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 labels_mask: Optional[torch.Tensor] = None, context_ids: Optional[torch.Tensor] = None,
-                context_mask: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+                context_mask: Optional[torch.Tensor] = None, guide_ids: Optional[torch.Tensor] = None,
+                guide_mask: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
         report_mask = attention_mask.bool() if labels_mask is None else labels_mask.bool() & attention_mask.bool()
         labels = torch.where(report_mask, input_ids, torch.full_like(input_ids, IGNORE))
+        tokens = self.vision_encoder(images)
         # packed to the right (padding first), so the report ends every row: the LM head (a
         # vocabulary-wide projection, about half a small LM's compute) runs on the last
         # report-width + 1 positions only, the one before the first report token included
-        embeds, mask, labels = self._inputs(images, input_ids, attention_mask, context_ids, context_mask, labels,
-                                            pad_left=True)
+        embeds, mask, labels = self._inputs(tokens, [(context_ids, context_mask), (guide_ids, guide_mask),
+                                                     (input_ids, attention_mask)], labels, pad_left=True)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         keep = min(input_ids.shape[1] + 1, embeds.shape[1])
         out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False,
@@ -138,16 +157,22 @@ class ReportGenerator(nn.Module):
         target = labels[:, 1:]
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
                                                  target.reshape(-1), ignore_index=IGNORE)
-        return {"loss": loss, "logits": logits, "labels": labels}
+        out = {"loss": loss, "logits": logits, "labels": labels}
+        if self.guide_head is not None:
+            out["guide_logits"] = self.guide_head(tokens.mean(1))
+        return out
 
     @torch.no_grad()
     def generate(self, images: torch.Tensor, tokenizer, decoding: DecodingConfig = DecodingConfig(),
                  context_ids: Optional[torch.Tensor] = None, context_mask: Optional[torch.Tensor] = None,
-                 prompt_ids: Optional[torch.Tensor] = None, prompt_mask: Optional[torch.Tensor] = None) -> list[str]:
+                 prompt_ids: Optional[torch.Tensor] = None, prompt_mask: Optional[torch.Tensor] = None,
+                 guide_ids: Optional[torch.Tensor] = None, guide_mask: Optional[torch.Tensor] = None) -> list[str]:
         """The text generated after the prompt (special tokens removed) for a batch of images."""
         if prompt_ids is not None and prompt_mask is None:
             prompt_mask = torch.ones_like(prompt_ids)
-        embeds, mask, _ = self._inputs(images, prompt_ids, prompt_mask, context_ids, context_mask, pad_left=True)
+        embeds, mask, _ = self._inputs(self.vision_encoder(images), [(context_ids, context_mask),
+                                                                     (guide_ids, guide_mask), (prompt_ids, prompt_mask)],
+                                       pad_left=True)
         kwargs = dict(max_new_tokens=decoding.max_new_tokens, num_beams=decoding.num_beams,
                       do_sample=decoding.do_sample, repetition_penalty=decoding.repetition_penalty,
                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
@@ -182,19 +207,47 @@ def _prompts(tokenizer, texts: list[str], device):
     return enc["input_ids"].to(device), enc["attention_mask"].to(device)
 
 
+def guide_prompt(names: Sequence[str], flags) -> str:
+    """The guidance prompt for one image: ``Flagged: pleural effusion, edema.`` or ``Flagged: none.``"""
+    flagged = [n.lower() for n, f in zip(names, flags) if bool(f)]
+    return f"Flagged: {', '.join(flagged) if flagged else 'none'}."
+
+
+def encode_guides(tokenizer, names: Sequence[str], flags, present=None):
+    """Guidance prompt token ids and mask for ``flags [B, L]``; rows with ``present`` False get an
+    empty (all-masked) prompt."""
+    rows = [guide_prompt(names, f) if (present is None or bool(present[k])) else ""
+            for k, f in enumerate(flags.tolist() if hasattr(flags, "tolist") else flags)]
+    enc = tokenizer(rows, add_special_tokens=False, padding="longest", return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def guide_flags(model: ReportGenerator, images: torch.Tensor, thresholds: Optional[Sequence[float]] = None):
+    """The guidance head's probabilities ``[B, L]`` and flags (at ``thresholds``, else 0.5)."""
+    probs = torch.sigmoid(model.guide_logits(images).float())
+    cut = torch.full((probs.shape[1],), 0.5) if thresholds is None else torch.as_tensor(thresholds, dtype=torch.float32)
+    return probs, probs >= cut.to(probs.device)
+
+
 def draft_reports(model: ReportGenerator, images: torch.Tensor, tokenizer, decoding: DecodingConfig = DecodingConfig(),
-                  context_ids: Optional[torch.Tensor] = None, context_mask: Optional[torch.Tensor] = None) -> list[str]:
+                  context_ids: Optional[torch.Tensor] = None, context_mask: Optional[torch.Tensor] = None,
+                  guide_thresholds: Optional[Sequence[float]] = None) -> list[str]:
     """Draft reports with FINDINGS and IMPRESSION sections for a batch of images.
 
     Generation starts from ``FINDINGS:``; drafts whose text has no ``IMPRESSION:`` are continued
     from ``FINDINGS: <their text> IMPRESSION:`` (one more pass for those rows only), so both
-    sections are the model's. An empty section is written as ``Not stated.``.
+    sections are the model's. An empty section is written as ``Not stated.``. A guided model
+    reads the findings its head flags at ``guide_thresholds`` (0.5 where not given).
     """
     import re
 
     n = images.shape[0]
+    guide_ids = guide_mask = None
+    if model.guide_head is not None:
+        _, flags = guide_flags(model, images, guide_thresholds)
+        guide_ids, guide_mask = (t.to(images.device) for t in encode_guides(tokenizer, model.guide_labels, flags))
     ids, mask = _prompts(tokenizer, [FINDINGS_HEADER] * n, images.device)
-    bodies = model.generate(images, tokenizer, decoding, context_ids, context_mask, ids, mask)
+    bodies = model.generate(images, tokenizer, decoding, context_ids, context_mask, ids, mask, guide_ids, guide_mask)
     split = re.compile(r"\bimpression\s*:", re.IGNORECASE)
     findings, impressions = [], [None] * n
     for k, body in enumerate(bodies):
@@ -209,7 +262,7 @@ def draft_reports(model: ReportGenerator, images: torch.Tensor, tokenizer, decod
         ids, mask = _prompts(tokenizer, texts, images.device)
         sub = (lambda t: None if t is None else t.index_select(0, idx))
         more = model.generate(images.index_select(0, idx), tokenizer, decoding, sub(context_ids), sub(context_mask),
-                              ids, mask)
+                              ids, mask, sub(guide_ids), sub(guide_mask))
         for k, text in zip(todo, more):
             impressions[k] = split.split(text, maxsplit=1)[0].strip()
     return [f"{FINDINGS_HEADER} {f or 'Not stated.'}\n{IMPRESSION_HEADER} {i or 'Not stated.'}"
@@ -257,8 +310,15 @@ def build_report_model(cfg, image_size: int, lm_config=None, load_weights: bool 
     vision = build_vision_encoder(cfg.vision, image_size, load_weights=load_weights)
     lm = load_causal_lm(cfg.lm, lm_config)
     c = cfg.connector
-    model = ReportGenerator(vision, lm, c.name, num_queries=c.num_queries, heads=c.heads)
+    guide = cfg.guidance.labels if cfg.guidance.enabled else ()
+    model = ReportGenerator(vision, lm, c.name, guide_labels=guide, num_queries=c.num_queries, heads=c.heads)
     if init_state:
+        own = model.state_dict()
+        mismatched = [k for k, v in init_state.items() if k.startswith("guide_head.") and
+                      (k not in own or own[k].shape != v.shape)]
+        if mismatched:
+            raise ValueError("init_from: its guidance head scores other labels than model.guidance.labels; "
+                             "set model.guidance.labels to the same names")
         model.load_state_dict(init_state, strict=False)
     if cfg.lm.lora.enabled:
         lm.requires_grad_(False)

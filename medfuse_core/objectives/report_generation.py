@@ -5,6 +5,11 @@ The target is ``FINDINGS: ... IMPRESSION: ...`` (``data.text_sections``, each un
 followed by the end-of-sequence token; only its tokens are scored. Validation is teacher-forced
 too: per-token loss, perplexity and next-token accuracy (the checkpoint score); drafts and their
 clinical accuracy come from ``medfuse evaluate`` on the trained model.
+
+With ``model.guidance.enabled``, the study's positive labels (1.0; uncertain and blank are not
+flagged) are the LM's ``Flagged: ...`` prompt, and the guidance head trains on them with a
+masked BCE (unlabelled studies: no prompt, no BCE), weighted by ``guidance.loss_weight``.
+Validation adds the head's macro AUROC (``val/guide_auroc_macro``).
 """
 
 from __future__ import annotations
@@ -60,7 +65,7 @@ class ReportObjective(Objective):
 
     name = "report_lm"
     stage = "report"
-    columns = ("image", "image_size", "report", "context")
+    columns = ("image", "image_size", "report", "context", "labels", "labelled")
     labelled_only = False
     score_key = "val/token_accuracy"
 
@@ -100,15 +105,26 @@ class ReportObjective(Objective):
             keep = (torch.rand(len(targets), generator=generator) >= d.context_dropout) if train else None
             batch["context_ids"], batch["context_mask"] = encode_context(
                 tokenizer, list(rows["context"]), d.max_context_tokens, keep)
+        if self.cfg.model.guidance.enabled:
+            batch.update(guide_batch(rows, tokenizer, self.cfg.model.guidance.labels))
         return batch
 
     @staticmethod
     def _forward(model, batch):
         return model(batch["images"], batch["input_ids"], batch["attention_mask"],
-                     context_ids=batch.get("context_ids"), context_mask=batch.get("context_mask"))
+                     context_ids=batch.get("context_ids"), context_mask=batch.get("context_mask"),
+                     guide_ids=batch.get("guide_ids"), guide_mask=batch.get("guide_mask"))
+
+    def _guide_loss(self, out, batch):
+        from medfuse_core.objectives.diagnosis import masked_bce_with_logits
+
+        return masked_bce_with_logits(out["guide_logits"], batch["guide_targets"], batch["guide_weights"])
 
     def loss(self, model, batch):
-        return self._forward(model, batch)["loss"]
+        out = self._forward(model, batch)
+        if "guide_logits" not in out:
+            return out["loss"]
+        return out["loss"] + self.cfg.model.guidance.loss_weight * self._guide_loss(out, batch)
 
     def eval_outputs(self, model, batch):
         out = self._forward(model, batch)
@@ -116,14 +132,26 @@ class ReportObjective(Objective):
         scored = labels != -100
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none")
         correct = (logits.argmax(-1) == labels) & scored
-        return {"nll": (nll * scored).sum(1).cpu().numpy(), "tokens": scored.sum(1).cpu().numpy(),
-                "correct": correct.sum(1).cpu().numpy()}
+        result = {"nll": (nll * scored).sum(1).cpu().numpy(), "tokens": scored.sum(1).cpu().numpy(),
+                  "correct": correct.sum(1).cpu().numpy()}
+        if "guide_logits" in out:
+            result["guide_probs"] = torch.sigmoid(out["guide_logits"].float()).cpu().numpy()
+            y = batch["guide_targets"].clone()
+            y[batch["guide_weights"] == 0] = float("nan")
+            result["guide_labels"] = y.cpu().numpy()
+        return result
 
     def val_metrics(self, outputs):
         tokens = float(np.sum(outputs["tokens"]))
         loss = float(np.sum(outputs["nll"]) / max(tokens, 1.0))
-        return {"val/loss": loss, "val/perplexity": float(np.exp(min(loss, 50.0))),
-                "val/token_accuracy": float(np.sum(outputs["correct"]) / max(tokens, 1.0))}
+        metrics = {"val/loss": loss, "val/perplexity": float(np.exp(min(loss, 50.0))),
+                   "val/token_accuracy": float(np.sum(outputs["correct"]) / max(tokens, 1.0))}
+        if "guide_probs" in outputs:
+            from medfuse_core.evaluation.metrics import multilabel_metrics
+
+            m = multilabel_metrics(outputs["guide_probs"], outputs["guide_labels"], self.cfg.model.guidance.labels)
+            metrics["val/guide_auroc_macro"] = m["auroc_macro"]
+        return metrics
 
     def bundle_extra(self):
         return {"objective": self.name, "text_sections": list(self.cfg.data.text_sections),
@@ -131,7 +159,23 @@ class ReportObjective(Objective):
                 "decoding": self.cfg.decoding.model_dump()}
 
 
-REPORT_PREFIXES = ("vision_encoder.", "connector.", "lm.")
+def guide_batch(rows, tokenizer, names) -> dict[str, torch.Tensor]:
+    """Guidance targets (positive = 1.0), weights (0 for unlabelled studies) and the prompt tokens
+    that flag each labelled study's positives."""
+    from medfuse_core.data.batching import label_indices
+    from medfuse_core.models.report import encode_guides
+
+    raw = np.stack([np.asarray(v, dtype=np.float32) for v in rows["labels"]])[:, label_indices(names)]
+    positive = raw == 1.0
+    labelled = (np.asarray(rows["labelled"], dtype=bool) if "labelled" in rows
+                else np.ones(len(raw), dtype=bool))
+    ids, mask = encode_guides(tokenizer, names, positive, present=labelled)
+    weights = np.repeat(labelled[:, None], len(names), axis=1).astype(np.float32)
+    return {"guide_targets": torch.from_numpy(positive.astype(np.float32)), "guide_weights": torch.from_numpy(weights),
+            "guide_ids": ids, "guide_mask": mask}
+
+
+REPORT_PREFIXES = ("vision_encoder.", "connector.", "lm.", "guide_head.")
 
 
 def report_init_state(bundle_dir: str) -> dict[str, torch.Tensor]:
