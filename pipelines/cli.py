@@ -131,6 +131,18 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_sr(args) -> int:
+    try:
+        from pipelines import structured_report
+        import highdicom  # noqa: F401
+    except ImportError:
+        raise UsageError("medfuse sr needs highdicom: pip install 'medfuse[sr]'") from None
+    if not Path(args.dicom).is_file():
+        raise UsageError(f"--dicom: {args.dicom} is not a file")
+    print(json.dumps(structured_report.write_sr(args.model, args.dicom, args.out, args.context), indent=2))
+    return 0
+
+
 def cmd_predict(args) -> int:
     from pipelines import predict
 
@@ -286,6 +298,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default=None, help="the workdir whose MLflow store holds the registry "
                                                    "(default: MLFLOW_TRACKING_URI)")
     p.set_defaults(fn=cmd_promote)
+
+    p = sub.add_parser("sr", help="findings of one DICOM file as a DICOM Comprehensive SR (UNVERIFIED), "
+                                  "for a PACS")
+    p.add_argument("--model", required=True, help="finetune workdir, bundle folder, MLflow run id or model URI")
+    p.add_argument("--dicom", required=True)
+    p.add_argument("--out", required=True, help="the SR file to write (.dcm)")
+    p.add_argument("--context", default=None, help="clinical context (indication) text, if any")
+    p.set_defaults(fn=cmd_sr)
 
     p = sub.add_parser("sweep", help="Ray Tune sweep over experiment keys (each trial a Ray Train + DeepSpeed run); "
                                      "re-running the same workdir resumes it")
