@@ -36,7 +36,7 @@ def trained(tiny_data, tmp_path_factory):
     overrides = ["data.image_size=48", f"model.lm.name_or_path={lm}", "model.lm.trainable_layers=-1",
                  "data.max_report_tokens=48", "data.max_context_tokens=12", "train.batch_size=8", "train.epochs=1",
                  "train.warmup_steps=1", "train.log_every_steps=2", "train.text_lr=3e-3",
-                 "decoding.max_new_tokens=12"]
+                 "decoding.max_new_tokens=12", "model.guidance.enabled=true"]  # the guided path is the superset
     cfg = load_config(REPORT_CPU, overrides, schema=ReportConfig)
     workdir = root / "w"
     return workdir, train_report.run(cfg, tiny_data, workdir)
@@ -47,9 +47,13 @@ def test_train_report_logs_and_registers_a_report_model(trained):
     assert facts["score_key"] == "val/token_accuracy" and 0.0 <= facts["best_score"] <= 1.0
     meta = json.loads((workdir / "model" / "medfuse_model.json").read_text())
     assert meta["kind"] == "report" and meta["extra"]["decoding"]["max_new_tokens"] == 12
+    thresholds = meta["extra"]["guide_thresholds"]  # chosen on validate when training ended
+    assert list(thresholds) == meta["model_config"]["guidance"]["labels"]
+    assert all(0.0 <= t <= 1.0 for t in thresholds.values())
     client = mlflow.MlflowClient(facts["tracking_uri"], registry_uri=facts["tracking_uri"])
     run = client.get_run(facts["mlflow_run_id"])
     assert run.data.tags["medfuse.stage"] == "report" and "val/perplexity" in run.data.metrics
+    assert run.data.metrics["val/guide/n"] >= 1
     assert len(client.get_metric_history(facts["mlflow_run_id"], "train/loss")) >= 1
     version = client.get_model_version_by_alias("medfuse-cxr-report", "candidate")
     assert version.run_id == facts["mlflow_run_id"]
