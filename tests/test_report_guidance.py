@@ -153,3 +153,19 @@ def test_a_guided_model_follows_its_flags(guided):
         drafts = draft_reports(model, images, tokenizer, DecodingConfig(max_new_tokens=24), guide_thresholds=[cut, cut])
         found = np.nan_to_num(labeler(drafts)[:, eff], nan=0.0)
         assert (found == expected).all(), drafts
+
+
+def test_no_finding_is_flagged_only_when_nothing_else_is(lm_dir):
+    from medfuse_core.config import VisionConfig
+    from medfuse_core.models.report import ReportGenerator, guide_flags
+    from medfuse_core.models.vision import build_vision_encoder
+    from transformers import AutoModelForCausalLM
+
+    vision = build_vision_encoder(VisionConfig(name="resnet18"), 32, load_weights=False)
+    model = ReportGenerator(vision, AutoModelForCausalLM.from_pretrained(lm_dir),
+                            guide_labels=["No Finding", "Edema", "Support Devices"]).eval()
+    images = torch.randn(2, 1, 32, 32)
+    _, all_on = guide_flags(model, images, [0.0, 0.0, 0.0])
+    assert all_on.tolist() == [[False, True, True]] * 2
+    _, devices_only = guide_flags(model, images, [0.0, 1.01, 0.0])
+    assert devices_only.tolist() == [[True, False, True]] * 2

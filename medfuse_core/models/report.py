@@ -222,11 +222,24 @@ def encode_guides(tokenizer, names: Sequence[str], flags, present=None):
     return enc["input_ids"], enc["attention_mask"]
 
 
+NO_FINDING_EXCEPT = ("No Finding", "Support Devices")
+
+
 def guide_flags(model: ReportGenerator, images: torch.Tensor, thresholds: Optional[Sequence[float]] = None):
-    """The guidance head's probabilities ``[B, L]`` and flags (at ``thresholds``, else 0.5)."""
+    """The guidance head's probabilities ``[B, L]`` and flags (at ``thresholds``, else 0.5).
+
+    Flags are kept consistent the way CheXpert labels are: "No Finding" is flagged only when no
+    finding other than support devices is (per-finding thresholds alone can flag both, a prompt
+    the LM never saw in training)."""
     probs = torch.sigmoid(model.guide_logits(images).float())
     cut = torch.full((probs.shape[1],), 0.5) if thresholds is None else torch.as_tensor(thresholds, dtype=torch.float32)
-    return probs, probs >= cut.to(probs.device)
+    flags = probs >= cut.to(probs.device)
+    names = list(model.guide_labels)
+    if "No Finding" in names:
+        others = [j for j, n in enumerate(names) if n not in NO_FINDING_EXCEPT]
+        if others:
+            flags[:, names.index("No Finding")] &= ~flags[:, others].any(1)
+    return probs, flags
 
 
 def draft_reports(model: ReportGenerator, images: torch.Tensor, tokenizer, decoding: DecodingConfig = DecodingConfig(),
