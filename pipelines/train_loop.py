@@ -237,8 +237,8 @@ class _MlflowSink:
         self.floors: dict[str, int] = {}  # per key: steps at or below this are already in the run's history
 
     def resume_after(self) -> None:
-        """A restored run: a (key, step) this run already logged, before the checkpoint or by a
-        failed attempt that got further, is not logged again, so the history stays that of one
+        """A restarted run: a (key, step) this run already logged, before the checkpoint or by a
+        failed attempt that got further (with or without a checkpoint), is not logged again, so the history stays that of one
         continuous run. Per key: an attempt killed between an epoch's last loss and its
         validation logged the one but not the other."""
         if self.client is None:
@@ -485,8 +485,9 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
             engine.load_checkpoint(d, tag=DS_TAG, load_module_strict=False)
 
     sink = _MlflowSink(loop_cfg.get("tracking_uri"), loop_cfg.get("mlflow_run_id"), rank == 0)
-    if checkpoint:
-        sink.resume_after()
+    # also without a checkpoint: an attempt killed after logging its first validation but
+    # before Ray registered that epoch's checkpoint starts over in the same run
+    sink.resume_after()
     generator = torch.Generator()
 
     def make(rows, train=False):
