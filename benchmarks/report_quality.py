@@ -9,7 +9,8 @@ It prepares the independent corpus of ``time_to_quality.py`` (cached), runs
 then ``medfuse evaluate`` on the trained model (``report_generation`` metrics on the test split),
 and beside it two plain baselines scored the same way: every test image gets the most common
 training report (a label-blind draft), and every test image gets the report of a random
-training image. Then it checks the drafts against the corpus's identifiers (patient and study
+training image. A guided model's LM is also scored prompted with the reference labels
+instead of its head's flags (the head made perfect). Then it checks the drafts against the corpus's identifiers (patient and study
 ids, the header names and institution): none may appear. It asserts nothing.
 """
 
@@ -78,6 +79,38 @@ def score_validate(data: Path, workdir: Path, env: dict) -> dict:
     return score_drafts([r["report"] for r in rows], [refs[r["record_id"]] for r in rows])
 
 
+def score_oracle(data: Path, workdir: Path, split: str = "test") -> dict:
+    """Drafts of a guided model prompted with each study's reference labels instead of its head's
+    flags, scored like the model's own: the clinical F1 the LM reaches were the findings head
+    perfect, which tells the head's share of the gap from the LM's."""
+    import numpy as np
+    import pyarrow.dataset as pads
+    import torch
+
+    from medfuse_core.data.batching import blobs_to_tensor, label_indices
+    from medfuse_core.evaluation.report_inference import decoding_settings, draft_batch
+    from medfuse_core.models.bundle import load_bundle
+    from pipelines.evaluate_report import score_drafts
+
+    bundle = load_bundle(workdir / "model", device="cpu")
+    names = list(bundle.model.guide_labels)
+    settings = decoding_settings(bundle)
+    cols = ["image", "image_size", "context", "labels", "report"]
+    ds = pads.dataset(str(data / "shards" / f"split={split}"), format="parquet", partitioning=None)
+    refs = references(data, split, with_ids=True)
+    drafts, kept = [], []
+    for batch in ds.to_batches(columns=["record_id", *cols], batch_size=16):
+        rows = {c: batch.column(c).to_pylist() for c in ["record_id", *cols]}
+        labels = np.stack([np.asarray(v, dtype=np.float32) for v in rows["labels"]])[:, label_indices(names)]
+        images = blobs_to_tensor(np.asarray(rows["image"], dtype=object), np.asarray(rows["image_size"]),
+                                 bundle.image_size)
+        contexts = [c if isinstance(c, str) else "" for c in rows["context"]]
+        drafts += draft_batch(bundle, images, contexts, settings, flags=torch.from_numpy(labels == 1.0))
+        kept += [refs[r] for r in rows["record_id"]]
+    keep = [k for k, r in enumerate(kept) if r.strip()]
+    return score_drafts([drafts[k] for k in keep], [kept[k] for k in keep])
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", type=Path, default=Path("/tmp/medfuse-bench/ttq"))
@@ -132,9 +165,12 @@ def main() -> int:
     }
     leaks = leaked_identifiers(drafts, corpus_identifiers(corpus))
     validate = score_validate(data, workdir, env) if args.validate else None
+    guided = json.loads((workdir / "model" / "medfuse_model.json").read_text())["extra"].get("guide_thresholds")
+    oracle = score_oracle(data, workdir) if guided else None
     out = {"command": " ".join(sys.argv), "machine": machine_facts(), "data": str(data), "workdir": str(workdir),
            "train_seconds": train_s, "evaluate_seconds": eval_s, "model": result["report_generation"],
-           "baselines": baselines, "identifier_leaks": len(leaks), "samples": rows[:3], "validate": validate}
+           "baselines": baselines, "identifier_leaks": len(leaks), "samples": rows[:3], "validate": validate,
+           "reference_flags": oracle}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2))
 
@@ -149,6 +185,8 @@ def main() -> int:
     print(line("medfuse train-report", out["model"]))
     if validate:
         print(line("medfuse train-report, validate split", validate))
+    if oracle:
+        print(line("the same LM, prompted with the reference labels", oracle))
     for name, m in baselines.items():
         print(line(name.replace("_", " "), m))
     print(f"\nidentifier leaks in {len(drafts)} drafts: {len(leaks)}; training {train_s:.0f} s, evaluate {eval_s:.0f} s")

@@ -153,6 +153,15 @@ def test_a_guided_model_follows_its_flags(guided):
         drafts = draft_reports(model, images, tokenizer, DecodingConfig(max_new_tokens=24), guide_thresholds=[cut, cut])
         found = np.nan_to_num(labeler(drafts)[:, eff], nan=0.0)
         assert (found == expected).all(), drafts
+    # flags given instead of the head's (a reader's findings, or the reference labels)
+    names = list(model.guide_labels)
+    given = torch.zeros(len(images), len(names), dtype=torch.bool)
+    given[::2, names.index("Pleural Effusion")] = True
+    drafts = draft_reports(model, images, tokenizer, DecodingConfig(max_new_tokens=24), flags=given)
+    found = np.nan_to_num(labeler(drafts)[:, eff], nan=0.0)
+    assert (found == given[:, names.index("Pleural Effusion")].numpy()).all(), drafts
+    with pytest.raises(ValueError, match="flags"):
+        draft_reports(model, images, tokenizer, DecodingConfig(max_new_tokens=4), flags=given[:, :1])
 
 
 def test_no_finding_is_flagged_only_when_nothing_else_is(lm_dir):

@@ -33,9 +33,10 @@ def decoding_settings(bundle, overrides: Sequence[str] = ()) -> DecodingSettings
 
 
 def draft_batch(bundle, images: torch.Tensor, contexts: Sequence[str] | None,
-                settings: DecodingSettings) -> list[str]:
+                settings: DecodingSettings, flags: torch.Tensor | None = None) -> list[str]:
     """Drafts for normalised images ``[B, 1, S, S]``; ``contexts`` are used when the model was
-    trained with them (``use_context``), an empty string meaning none."""
+    trained with them (``use_context``), an empty string meaning none. A guided model flags
+    findings at the bundle's thresholds, or reads ``flags`` (``[B, L]``) when given."""
     from medfuse_core.objectives.report_generation import encode_context
 
     extra = bundle.extra or {}
@@ -50,7 +51,7 @@ def draft_batch(bundle, images: torch.Tensor, contexts: Sequence[str] | None,
     torch.manual_seed(settings.seed)
     with torch.no_grad():
         return draft_reports(bundle.model, images.to(device), bundle.tokenizer, decoding, ctx_ids, ctx_mask,
-                             guide_thresholds=thresholds)
+                             guide_thresholds=thresholds, flags=flags)
 
 
 def draft_rows(bundle, rows: dict, settings: DecodingSettings) -> list[str]:

@@ -244,20 +244,26 @@ def guide_flags(model: ReportGenerator, images: torch.Tensor, thresholds: Option
 
 def draft_reports(model: ReportGenerator, images: torch.Tensor, tokenizer, decoding: DecodingConfig = DecodingConfig(),
                   context_ids: Optional[torch.Tensor] = None, context_mask: Optional[torch.Tensor] = None,
-                  guide_thresholds: Optional[Sequence[float]] = None) -> list[str]:
+                  guide_thresholds: Optional[Sequence[float]] = None,
+                  flags: Optional[torch.Tensor] = None) -> list[str]:
     """Draft reports with FINDINGS and IMPRESSION sections for a batch of images.
 
     Generation starts from ``FINDINGS:``; drafts whose text has no ``IMPRESSION:`` are continued
     from ``FINDINGS: <their text> IMPRESSION:`` (one more pass for those rows only), so both
     sections are the model's. An empty section is written as ``Not stated.``. A guided model
-    reads the findings its head flags at ``guide_thresholds`` (0.5 where not given).
+    reads the findings its head flags at ``guide_thresholds`` (0.5 where not given), or
+    ``flags`` (``[B, L]`` booleans over ``model.guide_labels``) when given: findings a reader or
+    the reference labels supply instead of the head.
     """
     import re
 
     n = images.shape[0]
     guide_ids = guide_mask = None
     if model.guide_head is not None:
-        _, flags = guide_flags(model, images, guide_thresholds)
+        if flags is None:
+            _, flags = guide_flags(model, images, guide_thresholds)
+        elif tuple(flags.shape) != (n, len(model.guide_labels)):
+            raise ValueError(f"flags: shape {tuple(flags.shape)}, expected ({n}, {len(model.guide_labels)})")
         guide_ids, guide_mask = (t.to(images.device) for t in encode_guides(tokenizer, model.guide_labels, flags))
     ids, mask = _prompts(tokenizer, [FINDINGS_HEADER] * n, images.device)
     bodies = model.generate(images, tokenizer, decoding, context_ids, context_mask, ids, mask, guide_ids, guide_mask)
