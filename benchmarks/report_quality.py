@@ -64,22 +64,22 @@ def references(data: Path, split: str, with_ids: bool = False):
     return dict(zip(t.column("record_id").to_pylist(), refs)) if with_ids else refs
 
 
-def score_validate(data: Path, workdir: Path, env: dict) -> dict:
+def score_validate(data: Path, workdir: Path, env: dict, decoding=(), tag: str = "") -> dict:
     """``medfuse generate --split validate`` scored like evaluate scores test (the split that
     chooses defaults; test is only reported)."""
     from pipelines.evaluate_report import score_drafts
 
-    out = workdir / "validate_drafts.csv"
+    out = workdir / f"validate_drafts{tag}.csv"
     if not out.exists():
         subprocess.run([sys.executable, "-m", "pipelines.cli", "generate", "--model", str(workdir), "--data", str(data),
-                        "--split", "validate", "--out", str(out)], check=True, env=env, cwd=str(REPO))
+                        "--split", "validate", "--out", str(out), *decoding], check=True, env=env, cwd=str(REPO))
     refs = references(data, "validate", with_ids=True)
     with open(out, newline="") as fh:
         rows = [r for r in csv.DictReader(fh) if refs.get(r["record_id"], "").strip()]
     return score_drafts([r["report"] for r in rows], [refs[r["record_id"]] for r in rows])
 
 
-def score_oracle(data: Path, workdir: Path, split: str = "test") -> dict:
+def score_oracle(data: Path, workdir: Path, split: str = "test", decoding=()) -> dict:
     """Drafts of a guided model prompted with each study's reference labels instead of its head's
     flags, scored like the model's own: the clinical F1 the LM reaches were the findings head
     perfect, which tells the head's share of the gap from the LM's."""
@@ -94,7 +94,7 @@ def score_oracle(data: Path, workdir: Path, split: str = "test") -> dict:
 
     bundle = load_bundle(workdir / "model", device="cpu")
     names = list(bundle.model.guide_labels)
-    settings = decoding_settings(bundle)
+    settings = decoding_settings(bundle, decoding)
     cols = ["image", "image_size", "context", "labels", "report"]
     ds = pads.dataset(str(data / "shards" / f"split={split}"), format="parquet", partitioning=None)
     refs = references(data, split, with_ids=True)
@@ -120,7 +120,9 @@ def main() -> int:
     p.add_argument("--config", default=str(REPO / "experiments" / "report_cxr_cpu.yaml"))
     p.add_argument("--workdir", type=Path, default=None)
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "report_quality.json")
-    p.add_argument("--rescore", action="store_true", help="score the drafts an earlier run left in --workdir")
+    p.add_argument("--rescore", action="store_true", help="score the model an earlier run trained in --workdir")
+    p.add_argument("--decoding", action="append", default=[], metavar="decoding.KEY=VALUE",
+                   help="decoding settings for every draft scored (repeatable), e.g. decoding.candidates=6")
     p.add_argument("--validate", action="store_true", help="also draft and score the validate split")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
@@ -135,19 +137,22 @@ def main() -> int:
     workdir = args.workdir or args.work / f"report-{int(time.time())}"
     env = {**os.environ, "MEDFUSE_PROGRESS": "0"}
     say(f"machine: {json.dumps(machine_facts())}")
-    ev = workdir / "evaluate.json"
+    # drafts under other decoding settings than the model's own go to their own files
+    tag = "".join("-" + d.split("=", 1)[0].removeprefix("decoding.") + "_" + d.split("=", 1)[-1] for d in args.decoding)
+    ev = workdir / f"evaluate{tag}.json"
     train_s = eval_s = float("nan")
-    if args.rescore and ev.exists():
-        say(f"re-scoring the drafts already in {workdir}")
+    if args.rescore and (workdir / "model" / "medfuse_model.json").exists():
+        say(f"scoring the model already trained in {workdir}")
     else:
         t0 = time.time()
         subprocess.run([sys.executable, "-m", "pipelines.cli", "train-report", "--config", args.config, "--data",
                         str(data), "--workdir", str(workdir), *args.overrides], check=True, env=env, cwd=str(REPO))
         train_s = time.time() - t0
         say(f"trained in {train_s:.0f} s")
+    if not (args.rescore and ev.exists()):
         t0 = time.time()
         subprocess.run([sys.executable, "-m", "pipelines.cli", "evaluate", "--model", str(workdir), "--data",
-                        str(data), "--out", str(ev)], check=True, env=env, cwd=str(REPO))
+                        str(data), "--out", str(ev), *args.decoding], check=True, env=env, cwd=str(REPO))
         eval_s = time.time() - t0
     result = json.loads(ev.read_text())
     with open(ev.with_name(f"{ev.stem}_drafts.csv"), newline="") as fh:
@@ -164,10 +169,10 @@ def main() -> int:
                                                [refs[k] for k in keep]),
     }
     leaks = leaked_identifiers(drafts, corpus_identifiers(corpus))
-    validate = score_validate(data, workdir, env) if args.validate else None
+    validate = score_validate(data, workdir, env, args.decoding, tag) if args.validate else None
     guided = json.loads((workdir / "model" / "medfuse_model.json").read_text())["extra"].get("guide_thresholds")
-    oracle = score_oracle(data, workdir) if guided else None
-    out = {"command": " ".join(sys.argv), "machine": machine_facts(), "data": str(data), "workdir": str(workdir),
+    oracle = score_oracle(data, workdir, decoding=args.decoding) if guided else None
+    out = {"command": " ".join(sys.argv), "decoding": args.decoding, "machine": machine_facts(), "data": str(data), "workdir": str(workdir),
            "train_seconds": train_s, "evaluate_seconds": eval_s, "model": result["report_generation"],
            "baselines": baselines, "identifier_leaks": len(leaks), "samples": rows[:3], "validate": validate,
            "reference_flags": oracle}

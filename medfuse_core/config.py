@@ -385,6 +385,10 @@ class DecodingSettings(_Section):
     repetition_penalty: float = Field(1.0, gt=0.0)
     no_repeat_ngram_size: int = Field(0, ge=0)
     seed: int = 0  # sampling's random stream
+    # a guided model drafts this many candidates per image (the first with the settings above, the
+    # rest sampled at temperature / top_p) and keeps the one whose findings, read back by the rule
+    # labeler, agree most with its flags; 1: one draft, no reranking
+    candidates: int = Field(1, ge=1, le=64)
 
 
 class ReportConfig(_Section):

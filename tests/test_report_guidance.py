@@ -178,3 +178,50 @@ def test_no_finding_is_flagged_only_when_nothing_else_is(lm_dir):
     assert all_on.tolist() == [[False, True, True]] * 2
     _, devices_only = guide_flags(model, images, [0.0, 1.01, 0.0])
     assert devices_only.tolist() == [[True, False, True]] * 2
+
+
+def test_reranking_keeps_the_candidate_that_agrees_with_the_flags():
+    from medfuse_core.evaluation.report_inference import most_consistent
+
+    names = ["Pleural Effusion", "Edema"]
+    flags = torch.tensor([[True, False], [False, False], [True, True]])
+    candidates = [[NEGATIVE, POSITIVE],  # flagged effusion: the second candidate writes it
+                  [NEGATIVE, POSITIVE],  # nothing flagged: the first (ties keep the earlier)
+                  [POSITIVE, "FINDINGS: Small effusion with mild pulmonary edema. IMPRESSION: Edema and effusion."]]
+    assert most_consistent(candidates, flags, names) == [POSITIVE, NEGATIVE, candidates[2][1]]
+
+
+def test_draft_batch_with_candidates_follows_flags_at_least_as_well_as_one_draft(guided, lm_dir):
+    from types import SimpleNamespace
+
+    from medfuse_core.config import ConfigError, DecodingSettings
+    from medfuse_core.data.batching import blobs_to_tensor
+    from medfuse_core.data.labels import CHEXPERT_LABELS
+    from medfuse_core.evaluation.report_inference import draft_batch
+    from medfuse_core.evaluation.report_labeler import LABELERS
+
+    model, _, tokenizer, _ = guided
+    test, _ = _corpus(8, seed=3)
+    images = blobs_to_tensor(test["image"], test["image_size"], 32)
+    names = list(model.guide_labels)
+    flags = torch.zeros(len(images), len(names), dtype=torch.bool)
+    flags[1::2, names.index("Pleural Effusion")] = True
+    bundle = SimpleNamespace(model=model, tokenizer=tokenizer, extra={}, image_size=32)
+    labeler = LABELERS.get("rules")()
+    eff = CHEXPERT_LABELS.index("Pleural Effusion")
+
+    def agreement(drafts):
+        found = np.nan_to_num(labeler(drafts)[:, eff], nan=0.0) == 1.0
+        return found == flags[:, names.index("Pleural Effusion")].numpy()
+
+    one = draft_batch(bundle, images, None, DecodingSettings(max_new_tokens=24), flags=flags)
+    many = draft_batch(bundle, images, None, DecodingSettings(max_new_tokens=24, candidates=4, temperature=1.5),
+                       flags=flags)
+    assert len(many) == len(images) and all("FINDINGS:" in d and "IMPRESSION:" in d for d in many)
+    assert (agreement(many) >= agreement(one)).all(), (one, many)
+    assert many == draft_batch(bundle, images, None, DecodingSettings(max_new_tokens=24, candidates=4,
+                                                                          temperature=1.5), flags=flags)  # seeded
+    plain = SimpleNamespace(model=_train(_cfg(lm_dir, False), _corpus(8, seed=0)[0], steps=1)[0], tokenizer=tokenizer,
+                            extra={}, image_size=32)
+    with pytest.raises(ConfigError, match="decoding.candidates"):
+        draft_batch(plain, images, None, DecodingSettings(max_new_tokens=4, candidates=2))

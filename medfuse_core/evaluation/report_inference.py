@@ -36,22 +36,58 @@ def draft_batch(bundle, images: torch.Tensor, contexts: Sequence[str] | None,
                 settings: DecodingSettings, flags: torch.Tensor | None = None) -> list[str]:
     """Drafts for normalised images ``[B, 1, S, S]``; ``contexts`` are used when the model was
     trained with them (``use_context``), an empty string meaning none. A guided model flags
-    findings at the bundle's thresholds, or reads ``flags`` (``[B, L]``) when given."""
+    findings at the bundle's thresholds, or reads ``flags`` (``[B, L]``) when given; with
+    ``settings.candidates > 1`` it keeps, per image, the candidate that best agrees with those
+    flags (:func:`most_consistent`)."""
+    from dataclasses import replace
+
+    from medfuse_core.models.report import guide_flags
     from medfuse_core.objectives.report_generation import encode_context
 
     extra = bundle.extra or {}
-    device = next(bundle.model.parameters()).device
+    model = bundle.model
+    device = next(model.parameters()).device
+    images = images.to(device)
     ctx_ids = ctx_mask = None
     if extra.get("use_context") and contexts is not None:
         ctx_ids, ctx_mask = encode_context(bundle.tokenizer, list(contexts), int(extra.get("max_context_tokens", 32)))
         ctx_ids, ctx_mask = ctx_ids.to(device), ctx_mask.to(device)
-    decoding = DecodingConfig(**{k: v for k, v in settings.model_dump().items() if k != "seed"})
-    cuts = extra.get("guide_thresholds") or {}
-    thresholds = [cuts.get(n, 0.5) for n in bundle.model.guide_labels] if bundle.model.guide_head is not None else None
+    decoding = DecodingConfig(**settings.model_dump(exclude={"seed", "candidates"}))
+    n_cand = settings.candidates
+    if n_cand > 1 and model.guide_head is None:
+        raise ConfigError("decoding.candidates: reranking needs a guided report model (model.guidance.enabled=true "
+                          "when it is trained); use decoding.candidates=1")
     torch.manual_seed(settings.seed)
     with torch.no_grad():
-        return draft_reports(bundle.model, images.to(device), bundle.tokenizer, decoding, ctx_ids, ctx_mask,
-                             guide_thresholds=thresholds, flags=flags)
+        if model.guide_head is not None and flags is None:
+            cuts = extra.get("guide_thresholds") or {}
+            _, flags = guide_flags(model, images, [cuts.get(n, 0.5) for n in model.guide_labels])
+        drafts = draft_reports(model, images, bundle.tokenizer, decoding, ctx_ids, ctx_mask, flags=flags)
+        if n_cand == 1:
+            return drafts
+        # the other candidates in one sampled pass over the batch repeated n_cand - 1 times
+        rep = (lambda t: None if t is None else t.repeat_interleave(n_cand - 1, dim=0))
+        torch.manual_seed(settings.seed + 1)
+        more = draft_reports(model, rep(images), bundle.tokenizer, replace(decoding, do_sample=True),
+                             rep(ctx_ids), rep(ctx_mask), flags=rep(flags.to(device)))
+    candidates = [[drafts[i], *more[i * (n_cand - 1):(i + 1) * (n_cand - 1)]] for i in range(len(drafts))]
+    return most_consistent(candidates, flags, model.guide_labels)
+
+
+def most_consistent(candidates: Sequence[Sequence[str]], flags: torch.Tensor, names: Sequence[str]) -> list[str]:
+    """Per image, the candidate draft whose findings (the rule labeler's positives over ``names``)
+    match most of its ``flags`` (``[B, L]`` booleans); ties keep the earlier candidate."""
+    from medfuse_core.data.labels import CHEXPERT_LABELS
+    from medfuse_core.evaluation.report_labeler import LABELERS
+
+    labeler = LABELERS.get("rules")()
+    cols = [CHEXPERT_LABELS.index(n) for n in names]
+    wanted = flags.cpu().numpy().astype(bool)
+    out = []
+    for i, texts in enumerate(candidates):
+        found = labeler(list(texts))[:, cols] == 1.0
+        out.append(texts[int(np.argmax((found == wanted[i]).sum(1)))])
+    return out
 
 
 def draft_rows(bundle, rows: dict, settings: DecodingSettings) -> list[str]:
