@@ -408,6 +408,13 @@ class ReportConfig(_Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     tracking: TrackingConfig = TrackingConfig(registered_model="medfuse-cxr-report")
 
+    @model_validator(mode="after")
+    def _rerank_needs_guidance(self) -> "ReportConfig":
+        if self.decoding.candidates > 1 and not self.model.guidance.enabled:
+            raise ValueError("decoding.candidates: reranking candidates by their findings needs a guided model; "
+                             "set model.guidance.enabled=true, or decoding.candidates=1")
+        return self
+
 
 STAGE_SCHEMAS = {"finetune": FinetuneConfig, "pretrain": PretrainConfig, "report": ReportConfig}
 
