@@ -64,12 +64,18 @@ def references(data: Path, split: str, with_ids: bool = False):
     return dict(zip(t.column("record_id").to_pylist(), refs)) if with_ids else refs
 
 
-def score_validate(data: Path, workdir: Path, env: dict, decoding=(), tag: str = "") -> dict:
+def decoding_tag(decoding) -> str:
+    """A file-name suffix for drafts made under ``decoding.KEY=VALUE`` settings ("" for none), so
+    drafts under other settings than the model's own go to their own files."""
+    return "".join(f"-{k.removeprefix('decoding.')}_{v}" for k, v in (d.split("=", 1) for d in decoding))
+
+
+def score_validate(data: Path, workdir: Path, env: dict, decoding=()) -> dict:
     """``medfuse generate --split validate`` scored like evaluate scores test (the split that
     chooses defaults; test is only reported)."""
     from pipelines.evaluate_report import score_drafts
 
-    out = workdir / f"validate_drafts{tag}.csv"
+    out = workdir / f"validate_drafts{decoding_tag(decoding)}.csv"
     if not out.exists():
         subprocess.run([sys.executable, "-m", "pipelines.cli", "generate", "--model", str(workdir), "--data", str(data),
                         "--split", "validate", "--out", str(out), *decoding], check=True, env=env, cwd=str(REPO))
@@ -137,9 +143,7 @@ def main() -> int:
     workdir = args.workdir or args.work / f"report-{int(time.time())}"
     env = {**os.environ, "MEDFUSE_PROGRESS": "0"}
     say(f"machine: {json.dumps(machine_facts())}")
-    # drafts under other decoding settings than the model's own go to their own files
-    tag = "".join("-" + d.split("=", 1)[0].removeprefix("decoding.") + "_" + d.split("=", 1)[-1] for d in args.decoding)
-    ev = workdir / f"evaluate{tag}.json"
+    ev = workdir / f"evaluate{decoding_tag(args.decoding)}.json"
     train_s = eval_s = float("nan")
     if args.rescore and (workdir / "model" / "medfuse_model.json").exists():
         say(f"scoring the model already trained in {workdir}")
@@ -169,10 +173,11 @@ def main() -> int:
                                                [refs[k] for k in keep]),
     }
     leaks = leaked_identifiers(drafts, corpus_identifiers(corpus))
-    validate = score_validate(data, workdir, env, args.decoding, tag) if args.validate else None
+    validate = score_validate(data, workdir, env, args.decoding) if args.validate else None
     guided = json.loads((workdir / "model" / "medfuse_model.json").read_text())["extra"].get("guide_thresholds")
     oracle = score_oracle(data, workdir, decoding=args.decoding) if guided else None
-    out = {"command": " ".join(sys.argv), "decoding": args.decoding, "machine": machine_facts(), "data": str(data), "workdir": str(workdir),
+    out = {"command": " ".join(sys.argv), "decoding": args.decoding, "machine": machine_facts(), "data": str(data),
+           "workdir": str(workdir),
            "train_seconds": train_s, "evaluate_seconds": eval_s, "model": result["report_generation"],
            "baselines": baselines, "identifier_leaks": len(leaks), "samples": rows[:3], "validate": validate,
            "reference_flags": oracle}

@@ -191,8 +191,10 @@ def test_reranking_keeps_the_candidate_that_agrees_with_the_flags():
     assert most_consistent(candidates, flags, names) == [POSITIVE, NEGATIVE, candidates[2][1]]
 
 
-def test_draft_batch_with_candidates_follows_flags_at_least_as_well_as_one_draft(guided, lm_dir):
+def test_draft_batch_with_candidates_follows_flags_at_least_as_well_as_one_draft(guided, lm_dir, monkeypatch):
     from types import SimpleNamespace
+
+    from medfuse_core.evaluation import report_inference
 
     from medfuse_core.config import ConfigError, DecodingSettings
     from medfuse_core.data.batching import blobs_to_tensor
@@ -215,8 +217,14 @@ def test_draft_batch_with_candidates_follows_flags_at_least_as_well_as_one_draft
         return found == flags[:, names.index("Pleural Effusion")].numpy()
 
     one = draft_batch(bundle, images, None, DecodingSettings(max_new_tokens=24), flags=flags)
+    seen, choose = [], report_inference.most_consistent
+    monkeypatch.setattr(report_inference, "most_consistent", lambda c, f, n: seen.append(c) or choose(c, f, n))
     many = draft_batch(bundle, images, None, DecodingSettings(max_new_tokens=24, candidates=4, temperature=1.5),
                        flags=flags)
+    (candidates,) = seen  # every image had 4 candidates, the first of them the single draft
+    assert [len(c) for c in candidates] == [4] * len(images) and [c[0] for c in candidates] == one
+    assert all(m in c for m, c in zip(many, candidates))
+    monkeypatch.undo()
     assert len(many) == len(images) and all("FINDINGS:" in d and "IMPRESSION:" in d for d in many)
     assert (agreement(many) >= agreement(one)).all(), (one, many)
     assert many == draft_batch(bundle, images, None, DecodingSettings(max_new_tokens=24, candidates=4,
