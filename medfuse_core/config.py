@@ -180,6 +180,10 @@ class ScalingConfig(_Section):
 
     num_workers: int = Field(2, ge=1)
     cpus_per_worker: float = Field(0.5, gt=0)
+    # torch intra-op threads of a CPU worker (None: cpus_per_worker rounded up). Apart from the
+    # reservation on purpose: one worker reserving 1 of 2 CPUs (the other kept for Ray Data's
+    # reads) may still compute on both cores, which beats two 1-thread workers and their all-reduce
+    torch_threads: Optional[int] = Field(None, ge=1)
     use_gpu: bool = False
     # a failed worker (process or node) restarts the workers from the latest checkpoint this
     # many times before the run fails (-1: without limit; 0: fail at once)

@@ -402,7 +402,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     torch.manual_seed(cfg.train.seed + rank)
     np.random.seed(cfg.train.seed + rank)
     if not cfg.scaling.use_gpu:
-        torch.set_num_threads(max(1, int(math.ceil(cfg.scaling.cpus_per_worker))))
+        torch.set_num_threads(cfg.scaling.torch_threads or max(1, int(math.ceil(cfg.scaling.cpus_per_worker))))
     # the data stream starts first (below); DeepSpeed, the model and the engine load behind it
     # micro-batches per epoch: a whole number of optimizer steps, so every epoch (and checkpoint)
     # ends on an accumulation boundary
