@@ -568,6 +568,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
             "perf/batch_prep_fraction": prep / max(train_seconds, 1e-9),  # decode blobs, tokenise, augment
             "perf/first_batch_wait_seconds": first_wait,  # the epoch's first batch (stream start-up, buffer fill)
             "perf/epoch_validate_seconds": validate_seconds,
+            "perf/torch_threads": torch.get_num_threads(),  # intra-op threads this worker computed with
         }
         if getattr(text_encoder, "cache_rows", 0):  # frozen text encoder: rows served from its output cache
             seen = text_encoder.cache_hits + text_encoder.cache_misses

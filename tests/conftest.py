@@ -27,6 +27,10 @@ TINY_OVERRIDES = [
     "train.warmup_steps=2",
     "train.log_every_steps=2",
     "train.lr=3e-3",
+    # the distributed path (two workers, gloo all-reduce, ZeRO partitions) whatever the shipped
+    # CPU experiment's worker count
+    "scaling.num_workers=2",
+    "scaling.cpus_per_worker=0.5",
 ]
 
 

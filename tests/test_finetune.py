@@ -32,6 +32,7 @@ def test_finetune_learns_and_tracks(first_run):
                                       key=lambda m: m.step)]
     assert len(epochs) == 3 and epochs[-1] < epochs[0], epochs  # the mean training loss fell
     assert client.get_metric_history(run.info.run_id, "perf/samples_per_sec")
+    assert {m.value for m in client.get_metric_history(run.info.run_id, "perf/torch_threads")} == {1.0}
     assert run.data.params["model.fusion.name"] == load_config(CPU_EXPERIMENT, TINY_OVERRIDES).model.fusion.name
     assert run.data.params["deepspeed.zero_stage"] == "2"
     assert run.inputs.dataset_inputs, "dataset digest logged as a run input"
@@ -146,9 +147,13 @@ def test_zero0_checkpoints_resume_and_refuse_other_data(tiny_data, tmp_path):
     from medfuse_core.data.sources import SourceError
 
     workdir = tmp_path / "w"
-    cfg = load_config(CPU_EXPERIMENT, TINY_OVERRIDES + ["deepspeed.zero_stage=0", "train.epochs=1"])
+    cfg = load_config(CPU_EXPERIMENT, TINY_OVERRIDES + ["deepspeed.zero_stage=0", "train.epochs=1",
+                                                        "scaling.torch_threads=2"])
     facts = finetune.run(cfg, tiny_data, workdir)
     assert facts["best_epoch"] == 0 and facts["model_uri"]
+    threads = mlflow.MlflowClient(facts["tracking_uri"]).get_metric_history(facts["mlflow_run_id"],
+                                                                            "perf/torch_threads")
+    assert [m.value for m in threads] == [2.0]  # apart from the 0.5-CPU reservation (which alone gives 1)
     first = finetune.find_checkpoints(workdir / "ray")
     assert [s["epoch"] for s, _ in first] == [0]
     cfg2 = load_config(CPU_EXPERIMENT, TINY_OVERRIDES + ["deepspeed.zero_stage=0", "train.epochs=2"])
