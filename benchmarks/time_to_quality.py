@@ -246,6 +246,35 @@ def run_medfuse(data: Path, work: Path, config: Path, overrides: list[str], hold
     return out, held
 
 
+def seed_spread(result: dict, data: Path, args, holdout: dict) -> dict:
+    """Both sides again with training seeds 1..K (seed 0 is the main run), held-out macro AUROC per
+    seed, and the per-seed paired difference medfuse - plain with a t-interval over seeds."""
+    import numpy as np
+    from scipy import stats
+
+    runs = [{"seed": 0, "plain": result["plain"]["holdout"], "plain_train_seconds": result["plain"]["train_seconds"],
+             **{f"medfuse_{m}": result["medfuse"][f"holdout_{m}"] for m in ("image_only", "image_text")},
+             "medfuse_train_seconds": result["medfuse"]["train_seconds"]}]
+    for seed in range(1, args.extra_seeds + 1):
+        plain, _ = run_plain(data, epochs=5, threads=2, seed=seed, holdout=holdout)
+        med, _ = run_medfuse(data, args.work, args.config, list(args.overrides) + [f"train.seed={seed}"], holdout)
+        runs.append({"seed": seed, "plain": plain["holdout"], "plain_train_seconds": plain["train_seconds"],
+                     **{f"medfuse_{m}": med[f"holdout_{m}"] for m in ("image_only", "image_text")},
+                     "medfuse_train_seconds": med["train_seconds"]})
+        say(f"seed {seed}: held-out plain {plain['holdout']:.3f}, medfuse {med['holdout_image_only']:.3f} / "
+            f"{med['holdout_image_text']:.3f}")
+    out = {"runs": runs, "difference": {}}
+    for m in ("image_only", "image_text"):
+        diffs = np.array([r[f"medfuse_{m}"] - r["plain"] for r in runs])
+        half = float(stats.t.ppf(0.975, len(diffs) - 1) * diffs.std(ddof=1) / np.sqrt(len(diffs)))
+        out["difference"][m] = {"mean": float(diffs.mean()), "per_seed": diffs.tolist(),
+                                "ci95": [float(diffs.mean() - half), float(diffs.mean() + half)]}
+    for side in ("plain", "medfuse_image_only", "medfuse_image_text"):
+        v = np.array([r[side] for r in runs])
+        out[side] = {"mean": float(v.mean()), "sd": float(v.std(ddof=1))}
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--studies", type=int, default=1000)
@@ -255,6 +284,9 @@ def main(argv=None) -> int:
     p.add_argument("--holdout-seed", type=int, default=7011)
     p.add_argument("--work", type=Path, default=Path("/tmp/medfuse-bench/ttq"))
     p.add_argument("--config", type=Path, default=REPO / "experiments" / "finetune_cxr_cpu.yaml")
+    p.add_argument("--extra-seeds", type=int, default=0,
+                   help="also train both sides with training seeds 1..K, scored on the held-out corpus "
+                        "(training-seed spread: a bigger test set does not remove it)")
     p.add_argument("--skip-plain", action="store_true")
     p.add_argument("--skip-medfuse", action="store_true")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "time_to_quality.json")
@@ -304,6 +336,14 @@ def main(argv=None) -> int:
         for mode, d in result["holdout_difference"].items():
             say(f"held-out: medfuse {mode} - plain = {d['difference']:+.3f} "
                 f"(95% CI {d['ci95'][0]:+.3f} .. {d['ci95'][1]:+.3f})")
+    if args.extra_seeds and holdout is not None and plain_held is not None and medfuse_held:
+        result["seeds"] = seed_spread(result, data, args, holdout)
+        sp = result["seeds"]
+        for mode in ("image_only", "image_text"):
+            d = sp["difference"][mode]
+            say(f"held-out over {len(sp['runs'])} training seeds: medfuse {mode} - plain = {d['mean']:+.3f} "
+                f"(per seed {', '.join(f'{v:+.3f}' for v in d['per_seed'])}; 95% t-interval "
+                f"{d['ci95'][0]:+.3f} .. {d['ci95'][1]:+.3f})")
     result["load_avg_end"] = list(os.getloadavg())
     args.out.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(args.out.read_text()) if args.out.exists() else {}
