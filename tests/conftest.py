@@ -31,6 +31,7 @@ TINY_OVERRIDES = [
     # CPU experiment's worker count
     "scaling.num_workers=2",
     "scaling.cpus_per_worker=0.5",
+    "scaling.torch_threads=1",
 ]
 
 

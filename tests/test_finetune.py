@@ -153,7 +153,7 @@ def test_zero0_checkpoints_resume_and_refuse_other_data(tiny_data, tmp_path):
     assert facts["best_epoch"] == 0 and facts["model_uri"]
     threads = mlflow.MlflowClient(facts["tracking_uri"]).get_metric_history(facts["mlflow_run_id"],
                                                                             "perf/torch_threads")
-    assert [m.value for m in threads] == [2.0]  # apart from the 0.5-CPU reservation (which alone gives 1)
+    assert [m.value for m in threads] == [2.0]  # apart from the 0.5-CPU reservation
     first = finetune.find_checkpoints(workdir / "ray")
     assert [s["epoch"] for s, _ in first] == [0]
     cfg2 = load_config(CPU_EXPERIMENT, TINY_OVERRIDES + ["deepspeed.zero_stage=0", "train.epochs=2"])
