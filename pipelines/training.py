@@ -93,7 +93,8 @@ def check_cluster_settings(cfg, storage: str, tracking_uri: str) -> None:
                           "set checkpoint.storage=s3://BUCKET/PATH or a shared path")
 
 
-RESUMABLE_CHANGES = ("train.epochs", "train.log_every_steps", "scaling.max_failures", "checkpoint.keep")
+RESUMABLE_CHANGES = ("train.epochs", "train.log_every_steps", "scaling.max_failures", "scaling.torch_threads",
+                     "checkpoint.keep")  # none changes what a checkpoint holds
 
 
 def config_changes(previous: dict, cfg) -> list[str]:
