@@ -54,9 +54,8 @@ def main(argv=None) -> int:
     from decode import machine_facts
     from medfuse_core.experiment import load_config
     from medfuse_core.models import build_model
-    from medfuse_core.objectives.diagnosis import masked_bce_with_logits
     from pipelines.train_loop import conv_weights_channels_last
-    from trainer import _timed_rounds
+    from trainer import _timed_rounds, plain_step
 
     torch.set_num_threads(args.threads)
     cfg = load_config(CPU_EXPERIMENT, [])
@@ -77,16 +76,8 @@ def main(argv=None) -> int:
 
     def train_step(channels_last: bool, compiled: bool):
         m = fresh(channels_last, compiled)
-        params = [q for q in m.parameters() if q.requires_grad]
-        opt = torch.optim.AdamW(params, lr=cfg.train.lr)
-
-        def step():
-            loss = masked_bce_with_logits(m(x)["logits"], y, w)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
-            opt.step()
-        return step
+        opt = torch.optim.AdamW([q for q in m.parameters() if q.requires_grad], lr=cfg.train.lr)
+        return plain_step(m, opt, x, y, w, cfg.train.grad_clip)
 
     def score(compiled: bool):
         m = fresh(False, compiled).eval()

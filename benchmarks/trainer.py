@@ -165,6 +165,24 @@ def child_plain(spec: dict) -> dict:
             "threads": torch.get_num_threads()}
 
 
+def plain_step(model, opt, x, y, w, grad_clip: float):
+    """A plain torch training step of a diagnosis model on one batch (masked BCE, backward, clip, step)."""
+    import torch
+
+    from medfuse_core.objectives.diagnosis import masked_bce_with_logits
+
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step():
+        loss = masked_bce_with_logits(model(x)["logits"], y, w)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        opt.step()
+        return loss
+    return step
+
+
 def _timed_rounds(variants: dict, rounds: int, per_round: int) -> dict:
     """Median and best seconds per call of each variant, the variants interleaved round by round."""
     for fn in variants.values():  # warm-up (allocator, oneDNN primitive caches)
@@ -249,16 +267,7 @@ def child_micro(spec: dict) -> dict:
         m, opt = fresh()
         if channels_last:
             m = m.to(memory_format=torch.channels_last)
-        params = [p for p in m.parameters() if p.requires_grad]
-
-        def step():
-            loss = masked_bce_with_logits(m(x)["logits"], y, w)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
-            opt.step()
-            return loss
-        return step
+        return plain_step(m, opt, x, y, w, cfg.train.grad_clip)
 
     def ds(allreduce: bool, channels_last: bool, stage: int = 0):
         m, opt = fresh()
