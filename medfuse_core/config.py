@@ -168,6 +168,12 @@ class TrainConfig(_Section):
     text_lr: float = Field(5e-5, gt=0)  # pretrained text encoder learns slower
     weight_decay: float = Field(1e-4, ge=0)
     warmup_steps: int = Field(20, ge=0)
+    # after the warm-up: "cosine" decays the LR to 5% of its peak by the last step, "constant" holds it
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    # > 0: keep an exponential moving average of the trained weights (updated every optimizer step
+    # with this decay); validation, the checkpoint score and the saved model use the average. Not
+    # under ZeRO-3 (each rank holds only a shard of the weights)
+    ema_decay: float = Field(0.0, ge=0.0, lt=1.0)
     grad_clip: float = Field(1.0, ge=0)
     log_every_steps: int = Field(10, ge=1)
     seed: int = 0
@@ -252,7 +258,18 @@ class ObjectiveConfig(_Section):
     mask_duplicate_texts: bool = True
 
 
-class FinetuneConfig(_Section):
+class _StageSection(_Section):
+    """Checks every stage's experiment shares (its train, scaling and deepspeed sections)."""
+
+    @model_validator(mode="after")
+    def _average_needs_full_weights(self):
+        if self.train.ema_decay > 0 and self.deepspeed.zero_stage == 3:
+            raise ValueError("train.ema_decay: a weight average needs the whole model on every rank, and "
+                             "ZeRO-3 shards it; set train.ema_decay=0, or deepspeed.zero_stage=2")
+        return self
+
+
+class FinetuneConfig(_StageSection):
     """A stage-2 (diagnosis fine-tuning) experiment."""
 
     name: str = "finetune"
@@ -307,7 +324,7 @@ class PretrainModelConfig(_Section):
         return self
 
 
-class PretrainConfig(_Section):
+class PretrainConfig(_StageSection):
     """A stage-1 (image-report contrastive pretraining) experiment."""
 
     name: str = "pretrain"
@@ -395,7 +412,7 @@ class DecodingSettings(_Section):
     candidates: int = Field(1, ge=1, le=64)
 
 
-class ReportConfig(_Section):
+class ReportConfig(_StageSection):
     """A report-generation experiment (``medfuse train-report``)."""
 
     name: str = "report"

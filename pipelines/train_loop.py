@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from pipelines.checkpoints import BUNDLE_DIR, TRAIN_STATE, check_complete, write_rank_manifest
+from pipelines.weight_average import applied, maybe_average
 
 DS_TAG = "deepspeed"
 
@@ -103,11 +104,13 @@ def deepspeed_config(cfg, use_gpu: bool, zero_stage: int | None = None) -> dict:
     return out
 
 
-def lr_lambda(warmup: int, total: int):
-    """Linear warm-up then cosine decay to 5% of the peak."""
+def lr_lambda(warmup: int, total: int, schedule: str = "cosine"):
+    """Linear warm-up, then cosine decay to 5% of the peak ("cosine") or the peak held ("constant")."""
     def f(step: int) -> float:
         if step < warmup:
             return (step + 1) / max(1, warmup)
+        if schedule == "constant":
+            return 1.0
         progress = min(1.0, (step - warmup) / max(1, total - warmup))
         return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
     return f
@@ -146,7 +149,7 @@ def consolidated_state_dict(engine, zero_stage: int) -> dict | None:
     """Full model weights on rank 0 (ZeRO-3 gathers the shards; a collective on every rank)."""
     if zero_stage == 3:
         return engine._zero3_consolidated_16bit_state_dict()
-    return {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
+    return {k: v.detach().to("cpu", copy=True) for k, v in engine.module.state_dict().items()}
 
 
 def _unique_bytes(tensors, seen: set) -> int:
@@ -460,7 +463,8 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     total_steps = steps_per_epoch // accum * cfg.train.epochs  # optimizer steps (the LR schedule's clock)
     groups = model.param_groups(cfg.train.lr, cfg.train.text_lr, cfg.train.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.train.warmup_steps, total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.train.warmup_steps, total_steps,
+                                                                             cfg.train.lr_schedule))
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
         config=deepspeed_config(cfg, cfg.scaling.use_gpu, zero_stage))
@@ -471,6 +475,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         engine.enable_backward_allreduce = False
     if _channels_last_applies(engine, cfg):
         conv_weights_channels_last(engine.module.vision_encoder)
+    average = maybe_average(engine.module, cfg.train.ema_decay)  # after the layout change: same strides
 
     expected = trainable_names(model)
     if not checkpoint:
@@ -483,6 +488,8 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     else:
         with checkpoint.as_directory() as d, weights_only_loading():
             engine.load_checkpoint(d, tag=DS_TAG, load_module_strict=False)
+            if average is not None:
+                average.load(d)
 
     sink = _MlflowSink(loop_cfg.get("tracking_uri"), loop_cfg.get("mlflow_run_id"), rank == 0)
     # also without a checkpoint: an attempt killed after logging its first validation but
@@ -534,6 +541,8 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
                     state["memory"] = _report_memory(memory, zero_stage, rank, world, sink,
                                                      state["global_step"] + 1)
                 state["global_step"] += 1  # optimizer steps
+                if average is not None:
+                    average.update()
                 if state["global_step"] % cfg.train.log_every_steps == 0:
                     dt = time.time() - t_window
                     sink.log({"train/loss": torch.stack(losses[-cfg.train.log_every_steps * accum:]).mean().item(),
@@ -550,8 +559,12 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
 
         val_loader = lambda: val_shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy")
         t_val = time.time()
-        objective.eval_begin(engine, tokenizer, engine.device)
-        val = objective.val_metrics(_validate(engine, val_loader, world, rank, make, objective))
+        with applied(average):  # the average (when kept) is scored and saved; training goes on from the live weights
+            objective.eval_begin(engine, tokenizer, engine.device)
+            val = objective.val_metrics(_validate(engine, val_loader, world, rank, make, objective))
+            # ZeRO-3 gathers on every rank (a collective); below it only rank 0 needs a copy
+            weights = (consolidated_state_dict(engine, zero_stage)
+                       if zero_stage == 3 or rank == 0 else None)
         validate_seconds = time.time() - t_val
         score = val.get(objective.score_key, float("nan"))
         score = score if score == score else 0.0
@@ -587,12 +600,11 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         state["score"] = score
 
         t_ckpt = time.time()
-        # ZeRO-3 gathers on every rank (a collective); below it only rank 0 needs a copy
-        weights = (consolidated_state_dict(engine, zero_stage)
-                   if zero_stage == 3 or rank == 0 else None)
         with tempfile.TemporaryDirectory() as tmp:
             engine.save_checkpoint(tmp, tag=DS_TAG, exclude_frozen_parameters=True)
             if rank == 0:
+                if average is not None:
+                    average.save(tmp)
                 save_bundle(engine.module, cfg.model, labels, cfg.data.image_size, os.path.join(tmp, BUNDLE_DIR),
                             state_dict=weights, tokenizer=tokenizer,
                             extra={**objective.bundle_extra(), "score_key": objective.score_key, "score": score,

@@ -34,11 +34,22 @@ def test_overrides_are_typed_and_nested():
     ("model.fusion.heads=5", "divisible"),
     ("data.uncertain_policy=maybe", "data.uncertain_policy"),
     ("data.labels=[Cardiomegaly, Dragons]", "Dragons"),
+    ("train.ema_decay=1.0", "train.ema_decay"),
+    ("train.lr_schedule=linear", "train.lr_schedule"),
 ])
 def test_bad_values_name_the_key(override, needle):
     with pytest.raises(ConfigError) as err:
         load_config(REPO / "experiments" / "finetune_cxr_cpu.yaml", [override])
     assert needle in str(err.value)
+
+
+@pytest.mark.parametrize("stage", ["finetune", "pretrain", "report"])
+def test_weight_average_is_refused_under_zero3(stage):
+    from medfuse_core.config import STAGE_SCHEMAS
+
+    experiment = REPO / "experiments" / f"{stage}_cxr_cpu.yaml"
+    with pytest.raises(ConfigError, match=r"train\.ema_decay: .*ZeRO-3"):
+        load_config(experiment, ["train.ema_decay=0.9", "deepspeed.zero_stage=3"], STAGE_SCHEMAS[stage])
 
 
 def test_missing_file_and_bad_yaml(tmp_path):

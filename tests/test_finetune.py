@@ -17,9 +17,12 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def first_run(tiny_data, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("finetune") / "w"
-    cfg = load_config(CPU_EXPERIMENT, TINY_OVERRIDES + ["train.epochs=3"])
+    cfg = load_config(CPU_EXPERIMENT, TINY_OVERRIDES + ["train.epochs=3"] + AVERAGE)
     facts = finetune.run(cfg, tiny_data, workdir)
     return workdir, facts
+
+
+AVERAGE = ["train.ema_decay=0.8"]  # the first run keeps a weight average: its swap, save and resume under ZeRO-2
 
 
 def test_finetune_learns_and_tracks(first_run):
@@ -41,6 +44,24 @@ def test_finetune_learns_and_tracks(first_run):
     assert (workdir / "model" / "medfuse_model.json").is_file()
     states = [s for s, _ in finetune.find_checkpoints(workdir / "ray")]
     assert max(s["epoch"] for s in states) == 2
+
+
+def test_the_saved_model_holds_the_weight_average(first_run):
+    import torch
+
+    from medfuse_core.models.bundle import load_bundle
+    from pipelines.weight_average import AVERAGE_FILE
+
+    workdir, _ = first_run
+    state, folder = max(finetune.find_checkpoints(workdir / "ray"), key=lambda item: item[0]["global_step"])
+    saved = torch.load(folder / AVERAGE_FILE, weights_only=True)
+    assert saved["updates"] == state["global_step"] and saved["decay"] == 0.8
+    live = torch.load(next((folder / "deepspeed").rglob("mp_rank_00_model_states.pt")), weights_only=False)["module"]
+    bundle = load_bundle(folder / "bundle").model.state_dict()
+    name = state["trainable"][-1]
+    torch.testing.assert_close(bundle[name].float(), saved["average"][name])  # the bundle holds the average
+    assert not torch.allclose(live[name].float(), saved["average"][name])  # DeepSpeed keeps the live weights
+    assert set(state["trainable"]) <= set(saved["average"])
 
 
 def test_the_model_is_calibrated_on_validation_before_it_is_logged(first_run):
@@ -66,7 +87,7 @@ def test_the_model_is_calibrated_on_validation_before_it_is_logged(first_run):
 def test_rerun_resumes_from_last_checkpoint(first_run, tiny_data):
     workdir, facts = first_run
     before = max(s["global_step"] for s, _ in finetune.find_checkpoints(workdir / "ray"))
-    cfg = load_config(CPU_EXPERIMENT, TINY_OVERRIDES + ["train.epochs=4"])
+    cfg = load_config(CPU_EXPERIMENT, TINY_OVERRIDES + ["train.epochs=4"] + AVERAGE)
     again = finetune.run(cfg, tiny_data, workdir)
     assert again["mlflow_run_id"] == facts["mlflow_run_id"]
     states = [s for s, _ in finetune.find_checkpoints(workdir / "ray")]
@@ -74,6 +95,12 @@ def test_rerun_resumes_from_last_checkpoint(first_run, tiny_data):
     assert last["epoch"] == 3
     steps_per_epoch = before // 3
     assert last["global_step"] == before + steps_per_epoch  # continued, not restarted
+    import torch
+
+    from pipelines.weight_average import AVERAGE_FILE
+
+    folder = next(f for s, f in finetune.find_checkpoints(workdir / "ray") if s["global_step"] == last["global_step"])
+    assert torch.load(folder / AVERAGE_FILE, weights_only=True)["updates"] == last["global_step"]  # the average resumed too
     run = mlflow.MlflowClient(facts["tracking_uri"]).get_run(facts["mlflow_run_id"])
     assert run.data.tags["medfuse.resumed_from_step"] == str(before)
     assert json.loads((workdir / "finetune.json").read_text())["mlflow_run_id"] == facts["mlflow_run_id"]
@@ -83,7 +110,7 @@ def test_resume_refuses_changed_settings(first_run, tiny_data):
     from medfuse_core.config import ConfigError
 
     workdir, _ = first_run
-    cfg = load_config(CPU_EXPERIMENT, TINY_OVERRIDES + ["train.epochs=3", "train.lr=0.01"])
+    cfg = load_config(CPU_EXPERIMENT, TINY_OVERRIDES + ["train.epochs=3", "train.lr=0.01"] + AVERAGE)
     with pytest.raises(ConfigError, match="train.lr"):
         finetune.run(cfg, tiny_data, workdir)
 
