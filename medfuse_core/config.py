@@ -126,6 +126,10 @@ class HeadConfig(_Section):
 
     hidden: int = Field(0, ge=0)  # 0: a single linear layer
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    # also read the labels linearly off the vision encoder's pooled features (the plain CNN
+    # classifier's read-out) and add them to the head's logits: the image keeps a direct path
+    # past the fusion's bottleneck
+    image_skip: bool = False
 
 
 class ModelConfig(_Section):

@@ -138,3 +138,23 @@ def test_image_only_bundle_round_trip(tmp_path):
             "context": ["cough", "", "fever"]}
     scores = score_rows(loaded, rows)
     np.testing.assert_array_equal(scores["image_only"], scores["image_text"])
+
+
+def test_image_skip_adds_a_linear_readout_and_round_trips(tmp_path):
+    """model.head.image_skip: logits = head(fused) + a linear read-out of the pooled vision features."""
+    cfg = ModelConfig(vision=VisionConfig(name="resnet18", in_channels=1), text=TextConfig(name_or_path="none"),
+                      fusion=FusionConfig(name="gated", dim=32, heads=2), head=HeadConfig(image_skip=True))
+    torch.manual_seed(0)
+    model = build_model(cfg, len(LABELS), 64).eval()
+    images = torch.randn(2, 1, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        features = model.vision_encoder(images)
+        fused = model.fusion(model.encode_image(images), features.new_zeros(2, 0, 32),
+                             torch.zeros(2, 0, dtype=torch.bool)).fused
+        expected = model.head(fused) + model.image_head(features.mean(dim=1))
+    torch.testing.assert_close(_logits(model, (images,)), expected)
+    loaded = load_bundle(save_bundle(model, cfg, LABELS, 64, tmp_path / "bundle"))
+    assert loaded.model_config.head.image_skip and loaded.model.image_head is not None
+    assert torch.equal(_logits(loaded.model, (images,)), _logits(model, (images,)))
+    plain = build_model(cfg.model_copy(update={"head": HeadConfig()}), len(LABELS), 64)
+    assert plain.image_head is None and "image_head.weight" not in plain.state_dict()

@@ -60,9 +60,12 @@ class DiagnosisModel(nn.Module):
         dim: int,
         image_size: int,
         num_labels: int,
+        image_skip: bool = False,
     ):
         super().__init__()
         self.vision_encoder = vision_encoder
+        # model.head.image_skip: a linear read-out of the pooled vision features added to the logits
+        self.image_head = nn.Linear(vision_encoder.out_dim, num_labels) if image_skip else None
         self.vision_proj = nn.Sequential(nn.LayerNorm(vision_encoder.out_dim), nn.Linear(vision_encoder.out_dim, dim))
         self.image_pos: Optional[LearnedPositions2d] = None
         if not vision_encoder.has_positions:
@@ -84,7 +87,10 @@ class DiagnosisModel(nn.Module):
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """``[B,C,H,W]`` -> projected image tokens ``[B, Ni, dim]``."""
-        tokens = self.vision_proj(self.vision_encoder(images))
+        return self._project_image(self.vision_encoder(images), images)
+
+    def _project_image(self, features: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        tokens = self.vision_proj(features)
         if self.image_pos is not None:
             rows, cols = self.token_grid(*images.shape[-2:])
             tokens = tokens + self.image_pos(rows, cols).to(tokens.dtype)
@@ -104,7 +110,8 @@ class DiagnosisModel(nn.Module):
         model without a text encoder or a fusion module that uses no text (any text
         arguments are then ignored).
         """
-        img = self.encode_image(images)
+        features = self.vision_encoder(images)
+        img = self._project_image(features, images)
         b = img.shape[0]
         if input_ids is None or not self.uses_text:
             txt = img.new_zeros(b, 0, self.dim)
@@ -117,7 +124,10 @@ class DiagnosisModel(nn.Module):
             if text_present is not None:
                 mask = mask & text_present.to(device=mask.device, dtype=torch.bool).unsqueeze(1)
         out = self.fusion(img, txt, mask)
-        return {"logits": self.head(out.fused), "attention": out.attention}
+        logits = self.head(out.fused)
+        if self.image_head is not None:
+            logits = logits + self.image_head(features.mean(dim=1))
+        return {"logits": logits, "attention": out.attention}
 
     @property
     def uses_text(self) -> bool:
@@ -156,4 +166,5 @@ def build_model(
     f = cfg.fusion
     fusion = build_fusion(f.name, dim=f.dim, heads=f.heads, layers=f.layers, dropout=f.dropout)
     head = build_head(cfg.head, fusion.out_dim, num_labels)
-    return DiagnosisModel(vision, text, fusion, head, dim=f.dim, image_size=image_size, num_labels=num_labels)
+    return DiagnosisModel(vision, text, fusion, head, dim=f.dim, image_size=image_size, num_labels=num_labels,
+                          image_skip=cfg.head.image_skip)
