@@ -63,7 +63,8 @@ def main(argv=None) -> int:
         ingest.run("mimic-cxr", corpus, data, IngestConfig(image_size=48))
     base = ["data.image_size=48", f"model.text.name_or_path={lm}", "model.text.max_tokens=32",
             "model.fusion.dim=64", "model.fusion.heads=2", "train.batch_size=8", "train.epochs=1",
-            "train.warmup_steps=1", "scaling.num_workers=2", "scaling.cpus_per_worker=0.5"]
+            "train.warmup_steps=1", "scaling.num_workers=2", "scaling.cpus_per_worker=0.5",
+            "train.ema_decay=0"]  # ZeRO-3 keeps no weight average (each rank holds a shard)
     cases = [(f"ZeRO-{z}, LM fully trained", base + [f"deepspeed.zero_stage={z}", "model.text.trainable_layers=-1"], z)
              for z in args.stages]
     cases.append(("ZeRO-3, LoRA r=8 on the LM", base + ["deepspeed.zero_stage=3", "model.text.lora.r=8"], 3))

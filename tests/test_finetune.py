@@ -118,7 +118,7 @@ def test_resume_refuses_changed_settings(first_run, tiny_data):
 @pytest.mark.heavy  # 1-3 min on 2 cores: keeps the default run under 20 min; CI runs -m heavy
 def test_zero3_with_fewer_validation_batches_than_workers(tiny_data, tmp_path):
     """ZeRO-3 gathers parameters in every forward: a rank with no validation batch must pad, not hang."""
-    cfg = load_config(CPU_EXPERIMENT, TINY_OVERRIDES + ["deepspeed.zero_stage=3", "train.batch_size=16",
+    cfg = load_config(CPU_EXPERIMENT, TINY_OVERRIDES + ["deepspeed.zero_stage=3", "train.ema_decay=0", "train.batch_size=16",
                                                         "train.epochs=1"])
     summary = json.loads((tiny_data / "ingest_summary.json").read_text())
     assert summary["splits"]["validate"] <= cfg.train.batch_size  # one validation batch for two workers
