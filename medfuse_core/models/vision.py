@@ -140,7 +140,7 @@ class ResNetEncoder(VisionEncoder):
             # normal: for a 1-channel stem fan-out gives weights ~3x smaller, so each Adam step
             # moves the stem ~3x further relative to its scale (BN follows, so only that ratio
             # matters). Measured from scratch on the independent corpus's tuning split: +0.02
-            # macro AUROC, two seeds out of two (docs/performance.md, "The stem's initialisation")
+            # macro AUROC, two seeds out of two (docs/performance.md, time to quality, "Fifth session")
             net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
         self.out_dim = net.fc.in_features
         net.fc = nn.Identity()
