@@ -19,9 +19,8 @@ import pandas as pd
 
 def _images(bundle, frame: pd.DataFrame) -> tuple[list, list[str]]:
     """Decoded [0, 1] images per row (None where decoding failed) and each row's error code."""
-    from medfuse_core.data.batching import blobs_to_images
     from medfuse_core.data.dicom import DicomDecodeError, decode_dicom
-    from medfuse_core.data.records import pixels_to_bytes
+    from medfuse_core.data.records import as_stored
 
     size = bundle.image_size
     images, errors = [], []
@@ -31,8 +30,7 @@ def _images(bundle, frame: pd.DataFrame) -> tuple[list, list[str]]:
                 import base64
 
                 blob = base64.b64decode(blob)
-            # through the shards' float16 storage, so a served image is the one `medfuse predict` and training see
-            images.append(blobs_to_images([pixels_to_bytes(decode_dicom(bytes(blob), size).pixels)], [size])[0])
+            images.append(as_stored(decode_dicom(bytes(blob), size).pixels))
             errors.append("")
         except DicomDecodeError as err:
             images.append(None)

@@ -113,6 +113,7 @@ def generate(model_ref: str, data_dir: str | Path, split: str, out: str | Path, 
 def report_one(model_ref: str, dicom: str | Path, context: str | None = None, overrides: Sequence[str] = ()) -> str:
     """The draft for one DICOM file (decoded the way ingest decodes it)."""
     from medfuse_core.data.dicom import DicomDecodeError, decode_dicom
+    from medfuse_core.data.records import as_stored
     from medfuse_core.evaluation.report_inference import decoding_settings, draft_images
     from medfuse_core.models.bundle import load_bundle
 
@@ -125,4 +126,4 @@ def report_one(model_ref: str, dicom: str | Path, context: str | None = None, ov
         image = decode_dicom(str(dicom), bundle.image_size)
     except DicomDecodeError as err:
         raise SourceError(f"--dicom: cannot decode the file ({err.reason})") from None
-    return draft_images(bundle, [image.pixels], [context or ""], settings)[0]
+    return draft_images(bundle, [as_stored(image.pixels)], [context or ""], settings)[0]

@@ -21,9 +21,10 @@ from ray import serve
 
 def _decode(item: dict):
     from medfuse_core.data.dicom import DicomDecodeError, decode_dicom
+    from medfuse_core.data.records import as_stored
 
     try:
-        return decode_dicom(base64.b64decode(item.get("dicom") or b""), item["_size"]).pixels, ""
+        return as_stored(decode_dicom(base64.b64decode(item.get("dicom") or b""), item["_size"]).pixels), ""
     except DicomDecodeError as err:
         return None, err.reason
     except (TypeError, ValueError):

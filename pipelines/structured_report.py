@@ -76,6 +76,7 @@ def write_sr(model_ref: str, dicom: str | Path, out: str | Path, context: str | 
     import pydicom
 
     from medfuse_core.data.dicom import DicomDecodeError, decode_dicom
+    from medfuse_core.data.records import as_stored
     from medfuse_core.evaluation.inference import predict_frame
     from medfuse_core.models.bundle import load_bundle
     from pipelines.model_refs import resolve_model
@@ -91,7 +92,7 @@ def write_sr(model_ref: str, dicom: str | Path, out: str | Path, context: str | 
     except DicomDecodeError as err:
         raise SourceError(f"--dicom: cannot decode the file ({err.reason})") from None
     source = pydicom.dcmread(str(dicom), stop_before_pixels=True)
-    out_frame = predict_frame(bundle, [image.pixels], [context or ""])
+    out_frame = predict_frame(bundle, [as_stored(image.pixels)], [context or ""])
     name = Path(str(model_ref)).name if "://" not in str(model_ref) else str(model_ref)
     sr = findings_sr(source, bundle.label_names, out_frame["prob"][0], out_frame["pred"][0], name,
                      context_used=bool(out_frame["context_used"][0]))

@@ -21,6 +21,7 @@ def test_serve_deployment_batches_and_matches_predict(ray_local, bundle_dir, tin
     from ray import serve
 
     from medfuse_core.data.dicom import decode_dicom
+    from medfuse_core.data.records import as_stored
     from medfuse_core.evaluation.inference import predict_frame
     from medfuse_core.models.bundle import load_bundle
     from pipelines.serve import build_app
@@ -43,7 +44,7 @@ def test_serve_deployment_batches_and_matches_predict(ray_local, bundle_dir, tin
         serve.delete("medfuse")
         serve.shutdown()
     bundle = load_bundle(bundle_dir)
-    images = [decode_dicom(str(f), bundle.image_size).pixels for f in files]
+    images = [as_stored(decode_dicom(str(f), bundle.image_size).pixels) for f in files]  # the shards' precision
     direct = predict_frame(bundle, images, [b["context"] for b in bodies[:-1]])
     for k, answer in enumerate(answers[:-1]):
         assert answer["record_id"] == f"r{k}" and answer["error"] == ""

@@ -48,3 +48,16 @@ def test_reads_project_columns_and_keep_labelled_rows(many_files):
 
     table = pq.read_table(split_dir(many_files, "train"), columns=["labelled"], partitioning=None)
     assert ds.count() == sum(table.column("labelled").to_pylist())
+
+
+def test_as_stored_is_the_shards_round_trip():
+    """A file scored directly (serving, `medfuse report`, `medfuse sr`) sees the pixels a shard would hold."""
+    import numpy as np
+
+    from medfuse_core.data.batching import blobs_to_images
+    from medfuse_core.data.records import as_stored, pixels_to_bytes
+
+    x = np.random.default_rng(0).random((32, 32)).astype(np.float32)
+    stored = as_stored(x)
+    assert stored.dtype == np.float32 and not np.array_equal(stored, x)
+    assert np.array_equal(stored, blobs_to_images([pixels_to_bytes(x)], [32])[0])

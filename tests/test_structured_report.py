@@ -60,6 +60,7 @@ def bundle_dir(tmp_path_factory):
 
 def test_medfuse_sr_writes_the_models_calls_and_refuses_a_broken_file(bundle_dir, tmp_path, capsys):
     from medfuse_core.data.dicom import decode_dicom
+    from medfuse_core.data.records import as_stored
     from medfuse_core.evaluation.inference import predict_frame
     from medfuse_core.models.bundle import load_bundle
 
@@ -67,7 +68,7 @@ def test_medfuse_sr_writes_the_models_calls_and_refuses_a_broken_file(bundle_dir
     assert main(["sr", "--model", str(bundle_dir), "--dicom", SOURCE, "--out", str(out)]) == 0
     findings = _findings(pydicom.dcmread(out))
     bundle = load_bundle(bundle_dir)
-    expected = predict_frame(bundle, [decode_dicom(SOURCE, bundle.image_size).pixels], [""])
+    expected = predict_frame(bundle, [as_stored(decode_dicom(SOURCE, bundle.image_size).pixels)], [""])
     assert list(findings) == list(CHEXPERT_LABELS)
     assert np.allclose([p for p, _ in findings.values()], expected["prob"][0], atol=1e-4)
     assert [v == "Yes" for _, v in findings.values()] == [bool(y) for y in expected["pred"][0]]

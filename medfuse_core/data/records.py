@@ -36,6 +36,13 @@ def pixels_to_bytes(pixels: np.ndarray) -> bytes:
     return np.ascontiguousarray(pixels, dtype=np.float16).tobytes()
 
 
+def as_stored(pixels: np.ndarray) -> np.ndarray:
+    """A decoded image at the precision the shards store (float16, read back as float32): what a
+    model scoring one file directly (serving, ``medfuse report``, ``medfuse sr``) must see to agree
+    with ``medfuse predict`` and with training."""
+    return np.asarray(pixels, dtype=np.float16).astype(np.float32)
+
+
 def _ids(rec: dict, ps: Pseudonymizer) -> dict:
     ids = pseudonymize_record_ids(rec, ps)
     return {"study_id": ids["study_id"], "patient_id": ids["patient_id"]}
