@@ -260,6 +260,11 @@ class ObjectiveConfig(_Section):
     # contrastive objectives: rows whose paired texts are identical (common normal reports) are
     # not each other's negatives; False scores them as negatives, as plain CLIP does
     mask_duplicate_texts: bool = True
+    # contrastive objectives: which pairs are positives. "pair": only an image's own report (CLIP);
+    # "findings": also every report of the batch that the rule report labeler reads as the same set
+    # of findings (MedCLIP-style semantic matching: a normal image is no negative of another normal
+    # report). Uses the report text only, never the label table.
+    positives: Literal["pair", "findings"] = "pair"
 
 
 class _StageSection(_Section):
@@ -320,6 +325,11 @@ class PretrainModelConfig(_Section):
     vision: VisionConfig = VisionConfig()
     text: TextConfig = TextConfig(max_tokens=64)
     embed_dim: int = Field(128, ge=8)
+    # trainable transformer layers over the text encoder's token states before pooling (0 = none):
+    # lets a frozen (cached) encoder's embedding learn what the report's words say together
+    # ("not enlarged"), which a mean of frozen token states blurs; costs a fraction of training the
+    # encoder's own top layers
+    text_mixer_layers: int = Field(0, ge=0, le=4)
 
     @model_validator(mode="after")
     def _needs_text(self) -> "PretrainModelConfig":

@@ -61,3 +61,36 @@ def test_pretrain_batches_carry_text_ids_and_the_mask_is_on_by_default():
                                  generator=torch.Generator().manual_seed(0))
     ids = batch["text_ids"].tolist()
     assert batch["text_ids"].dtype == torch.int64 and ids[0] == ids[1] != ids[2]
+    assert "group_ids" not in batch  # positives: pair (the default) needs no reading
+
+
+def test_findings_positives_group_reports_by_their_reading():
+    import numpy as np
+
+    from medfuse_core.config import PretrainConfig
+    from medfuse_core.models.text import load_tokenizer
+    from medfuse_core.objectives import build_objective
+
+    cfg = PretrainConfig.model_validate({"data": {"image_size": 16}, "model": {"text": {"max_tokens": 16}},
+                                         "objective": {"name": "infonce", "positives": "findings"}})
+    objective = build_objective(cfg)
+    img = np.zeros((16, 16), np.uint16).tobytes()
+    rows = {"image": [img] * 4, "image_size": [16] * 4,
+            "report": [REPORT, "FINDINGS: Small right effusion.", "FINDINGS: No effusion. Lungs are clear.",
+                       "IMPRESSION: No acute cardiopulmonary process."]}
+    batch = objective.make_batch(rows, load_tokenizer(cfg.model.text.name_or_path), train=True,
+                                 generator=torch.Generator().manual_seed(0))
+    g = batch["group_ids"].tolist()
+    assert batch["group_ids"].dtype == torch.int64
+    assert g[0] == g[1] != g[2] == g[3]  # two effusions (other words, other side); two normal reports
+    assert batch["text_ids"][0] != batch["text_ids"][1]  # the texts themselves differ
+
+
+def test_positives_must_be_a_known_kind():
+    import pytest
+    from pydantic import ValidationError
+
+    from medfuse_core.config import PretrainConfig
+
+    with pytest.raises(ValidationError, match="positives"):
+        PretrainConfig.model_validate({"objective": {"name": "infonce", "positives": "labels"}})

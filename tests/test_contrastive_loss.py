@@ -26,6 +26,9 @@ IN_IMG, IN_TXT, DIM = 6, 5, 4
 DTYPE = torch.float64  # exact maths: the comparison is about the scheme, not float32 rounding
 # text digests of the global batch: rows 0 and 3 share a report on rank 0, rows 1 and 5 across ranks
 TEXT_IDS = torch.tensor([10, 11, 12, 10, 13, 11, 14, 15], dtype=torch.int64)
+# report readings (findings groups): rows 0, 2 and 6 read alike across ranks, rows 4 and 5 too
+GROUP_IDS = torch.tensor([1, 2, 1, 3, 4, 4, 1, 5], dtype=torch.int64)
+MODES = ("plain", "dedup", "groups")
 
 
 def _setup(kind: str):
@@ -43,11 +46,12 @@ def _setup(kind: str):
     return modules, x_img, x_txt
 
 
-def _loss_and_grads(kind: str, rows: slice, dedup: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _loss_and_grads(kind: str, rows: slice, mode: str = "plain") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     modules, x_img, x_txt = _setup(kind)
     img = F.normalize(modules["img"](x_img[rows]), dim=-1)
     txt = F.normalize(modules["txt"](x_txt[rows]), dim=-1)
-    loss = CONTRASTIVE_LOSSES[kind](img, txt, modules["scale"], TEXT_IDS[rows] if dedup else None)
+    loss = CONTRASTIVE_LOSSES[kind](img, txt, modules["scale"], TEXT_IDS[rows] if mode == "dedup" else None,
+                                    GROUP_IDS[rows] if mode == "groups" else None)
     loss.backward()
     return loss.detach(), {n: p.grad for n, p in modules.named_parameters()}
 
@@ -62,12 +66,12 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         rows = slice(rank * local, (rank + 1) * local)
         results = {}
         for kind in CONTRASTIVE_LOSSES:
-            for dedup in (False, True):
-                loss, grads = _loss_and_grads(kind, rows, dedup)
+            for mode in MODES:
+                loss, grads = _loss_and_grads(kind, rows, mode)
                 for grad in grads.values():  # what DDP / DeepSpeed do: average gradients over ranks
                     torch.distributed.all_reduce(grad)
                     grad /= WORLD
-                results[(kind, dedup)] = {"loss": loss, "grads": grads}
+                results[(kind, mode)] = {"loss": loss, "grads": grads}
         probe = torch.full((local, 3), float(rank))
         results["gathered"] = gather_features(probe)
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
@@ -99,16 +103,16 @@ def distributed_results(tmp_path_factory) -> list[dict]:
     return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
 
 
-@pytest.mark.parametrize("dedup", [False, True], ids=["plain", "duplicate-texts-masked"])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("kind", sorted(CONTRASTIVE_LOSSES))
-def test_two_ranks_match_single_process(kind, dedup, distributed_results):
-    ref_loss, ref_grads = _loss_and_grads(kind, slice(None), dedup)
-    losses = torch.stack([r[(kind, dedup)]["loss"] for r in distributed_results])
+def test_two_ranks_match_single_process(kind, mode, distributed_results):
+    ref_loss, ref_grads = _loss_and_grads(kind, slice(None), mode)
+    losses = torch.stack([r[(kind, mode)]["loss"] for r in distributed_results])
     torch.testing.assert_close(losses.mean(), ref_loss, rtol=1e-9, atol=1e-9)
     # the local losses differ from each other (otherwise the check above would be trivially true)
     assert not torch.allclose(losses[0], losses[1])
     for rank_result in distributed_results:
-        grads = rank_result[(kind, dedup)]["grads"]
+        grads = rank_result[(kind, mode)]["grads"]
         assert grads.keys() == ref_grads.keys()
         for name, ref in ref_grads.items():
             assert ref.abs().sum() > 0, name
@@ -179,7 +183,7 @@ def test_identical_texts_are_not_each_others_negatives(kind, distributed_results
     # masking removes negative terms, so the loss drops, on both ranks (the rank-1 row 5 shares its
     # text with rank 0's row 1); SigLIP's -10 bias makes its negatives' terms small, not zero
     for r in distributed_results:
-        assert r[(kind, True)]["loss"] < r[(kind, False)]["loss"]
+        assert r[(kind, "dedup")]["loss"] < r[(kind, "plain")]["loss"]
     # and equals the plain loss with those logits removed by hand (single process)
     g = torch.Generator().manual_seed(3)
     img = F.normalize(torch.randn(4, 3, generator=g, dtype=DTYPE), dim=-1)
@@ -205,3 +209,38 @@ def test_identical_texts_are_not_each_others_negatives(kind, distributed_results
     masked = (infonce_loss(img, txt, scale, distinct) if kind == "infonce"
               else siglip_loss(img, txt, scale, torch.tensor(-1.0, dtype=DTYPE), distinct))
     torch.testing.assert_close(masked, plain)
+
+
+@pytest.mark.parametrize("kind", sorted(CONTRASTIVE_LOSSES))
+def test_same_reading_reports_are_positives(kind):
+    g = torch.Generator().manual_seed(5)
+    img = F.normalize(torch.randn(4, 3, generator=g, dtype=DTYPE), dim=-1)
+    txt = F.normalize(torch.randn(4, 3, generator=g, dtype=DTYPE), dim=-1)
+    groups = torch.tensor([7, 8, 7, 9])  # reports 0 and 2 read alike
+    scale, bias = torch.tensor(5.0, dtype=DTYPE), torch.tensor(-1.0, dtype=DTYPE)
+    logits = scale * img @ txt.T
+    pos = (groups[:, None] == groups[None, :]).to(DTYPE)
+    if kind == "infonce":
+        def ce(lg):  # each row: the mean negative log-probability of its positives
+            logp = lg - torch.logsumexp(lg, 1, keepdim=True)
+            return (-(logp * pos).sum(1) / pos.sum(1)).mean()
+        expected = 0.5 * (ce(logits) + ce(logits.T))
+        got, singletons = infonce_loss(img, txt, scale, group_ids=groups), infonce_loss(img, txt, scale, group_ids=torch.arange(4))
+        plain = infonce_loss(img, txt, scale)
+    else:
+        expected = -F.logsigmoid((2 * pos - 1) * (logits + bias)).sum() / 4
+        got, singletons = (siglip_loss(img, txt, scale, bias, group_ids=groups),
+                           siglip_loss(img, txt, scale, bias, group_ids=torch.arange(4)))
+        plain = siglip_loss(img, txt, scale, bias)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(singletons, plain)  # one pair per group: the plain loss
+    assert not torch.allclose(got, plain)
+
+
+def test_findings_groups_come_from_the_report_reading():
+    from medfuse_core.objectives.alignment import findings_id
+
+    assert findings_id("Moderate left pleural effusion. No pneumothorax.") == findings_id("Small right pleural effusion.")
+    assert findings_id("No acute cardiopulmonary process.") == findings_id("Lungs are clear. Heart size is normal.")
+    assert findings_id("No pleural effusion.") != findings_id("Small pleural effusion.")
+    assert findings_id("Possible small effusion.") != findings_id("No effusion.")

@@ -175,3 +175,35 @@ def test_siglip_objective_trains_a_step_in_one_process():
     loss = objective.loss(model, batch)
     loss.backward()
     assert torch.isfinite(loss) and model.logit_scale.bias.grad is not None
+
+
+def test_findings_positives_and_text_mixer_train_a_step_in_one_process():
+    from medfuse_core.objectives import build_objective
+
+    cfg = load_config(PRETRAIN_CPU, PRETRAIN_TINY + ["objective.positives=findings", "model.text_mixer_layers=1",
+                                                     "model.text.trainable_layers=0"], schema=PretrainConfig)
+    objective = build_objective(cfg)
+    model = objective.build_model()
+    model.eval()  # no dropout: the padding check below compares exact embeddings
+    tokenizer = objective.tokenizer()
+    rng = np.random.default_rng(0)
+    reports = ["FINDINGS: Small left pleural effusion.", "FINDINGS: Moderate right effusion.",
+               "FINDINGS: Lungs are clear.", "IMPRESSION: No acute cardiopulmonary process."]
+    rows = {"image": [rng.random((48, 48)).astype(np.float16).tobytes() for _ in range(4)],
+            "image_size": np.full(4, 48), "report": reports}
+    batch = objective.make_batch(rows, tokenizer, train=True, generator=torch.Generator().manual_seed(0))
+    g = batch["group_ids"].tolist()
+    assert g[0] == g[1] != g[2] == g[3]
+    loss = objective.loss(model, batch)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert model.text_mixer.layers[0].linear1.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.text_encoder.parameters())  # the encoder stays frozen
+    # padding never changes a text's embedding: the mixer masks padded tokens
+    ids, mask = batch["input_ids"][:1], batch["attention_mask"][:1]
+    n = int(mask.sum())
+    with torch.no_grad():
+        short = model.encode_texts(ids[:, :n], mask[:, :n])
+        padded = model.encode_texts(torch.cat([ids[:, :n], torch.zeros(1, 5, dtype=ids.dtype)], 1),
+                                    torch.cat([mask[:, :n], torch.zeros(1, 5, dtype=mask.dtype)], 1))
+    torch.testing.assert_close(short, padded, rtol=1e-4, atol=1e-5)

@@ -1,6 +1,7 @@
 """The stage-1 model: a vision encoder and a text encoder aligned in one embedding space.
 
-``ContrastiveModel`` pools each encoder's tokens (image: mean over the feature map or patch
+``ContrastiveModel`` (optionally after ``text_mixer_layers`` trainable transformer layers over
+the text tokens) pools each encoder's tokens (image: mean over the feature map or patch
 tokens; text: the text encoder's pooling, a mean over real tokens for MiniLM-class sentence
 encoders and the last real token for a causal LM), projects both to ``embed_dim`` and L2-normalises them. Its learnable temperature (and
 SigLIP bias) live in ``logit_scale``. The encoders keep the attribute names
@@ -29,10 +30,17 @@ class ContrastiveModel(nn.Module):
     """Image and report encoders with projection heads into a shared, normalised space."""
 
     def __init__(self, vision_encoder: VisionEncoder, text_encoder: TextEncoder, embed_dim: int,
-                 objective: str = "infonce", image_size: int = 224, init_temperature: Optional[float] = None):
+                 objective: str = "infonce", image_size: int = 224, init_temperature: Optional[float] = None,
+                 text_mixer_layers: int = 0):
         super().__init__()
         self.vision_encoder = vision_encoder
         self.text_encoder = text_encoder
+        hidden = text_encoder.hidden_size
+        # optional transformer layers over the text tokens (pre-norm, heads of 64 dims)
+        self.text_mixer = nn.TransformerEncoder(
+            nn.TransformerEncoderLayer(hidden, max(1, hidden // 64), dim_feedforward=2 * hidden, dropout=0.1,
+                                       batch_first=True, norm_first=True),
+            text_mixer_layers, enable_nested_tensor=False) if text_mixer_layers else None
         self.image_head = nn.Sequential(nn.LayerNorm(vision_encoder.out_dim),
                                         nn.Linear(vision_encoder.out_dim, embed_dim))
         self.text_head = nn.Sequential(nn.LayerNorm(text_encoder.hidden_size),
@@ -49,6 +57,8 @@ class ContrastiveModel(nn.Module):
     def encode_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Token ids ``[B, T]`` + mask -> normalised text embeddings ``[B, embed_dim]``."""
         hidden = self.text_encoder(input_ids, attention_mask)
+        if self.text_mixer is not None:
+            hidden = self.text_mixer(hidden, src_key_padding_mask=~attention_mask.bool())
         return F.normalize(self.text_head(self.text_encoder.pool(hidden, attention_mask.bool())), dim=-1)
 
     def forward(self, images: torch.Tensor, input_ids: Optional[torch.Tensor] = None,
@@ -81,7 +91,7 @@ def build_contrastive_model(cfg, image_size: int, objective: str = "infonce", *,
     vision = build_vision_encoder(cfg.vision, image_size, load_weights=load_vision_weights)
     text = build_text_encoder(cfg.text, config=text_config)
     return ContrastiveModel(vision, text, cfg.embed_dim, objective=objective, image_size=image_size,
-                            init_temperature=init_temperature)
+                            init_temperature=init_temperature, text_mixer_layers=cfg.text_mixer_layers)
 
 
 def encoder_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

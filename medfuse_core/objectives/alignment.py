@@ -51,6 +51,15 @@ def text_key(text: str) -> str:
     return hashlib.sha1(" ".join(text.lower().split()).encode()).hexdigest()
 
 
+def findings_id(text: str) -> int:
+    """A signed 64-bit digest of the findings the rule report labeler reads in ``text`` as present
+    or uncertain ("No Finding" when none): reports that read alike share it."""
+    from medfuse_core.evaluation.report_labeler import NEGATIVE, label_report
+
+    reading = sorted(k for k, v in label_report(text).items() if v is not None and v != NEGATIVE)
+    return int.from_bytes(hashlib.blake2b("|".join(reading).encode(), digest_size=8).digest(), "little", signed=True)
+
+
 def text_id(text: str) -> int:
     """A signed 64-bit digest of the normalised text (equal texts, equal ids): the loss's duplicate test."""
     return int.from_bytes(hashlib.blake2b(" ".join(text.lower().split()).encode(), digest_size=8).digest(),
@@ -91,6 +100,8 @@ class AlignmentObjective(Objective):
         enc = tokenize(tokenizer, texts, self.cfg.model.text.max_tokens)
         batch = {"images": images, "input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
                  "text_ids": torch.tensor([text_id(t) for t in texts], dtype=torch.int64)}
+        if train and self.cfg.objective.positives == "findings":
+            batch["group_ids"] = torch.tensor([findings_id(t) for t in texts], dtype=torch.int64)
         if not train:
             raw = np.stack([np.asarray(v, dtype=np.float32) for v in rows["labels"]])[:, label_indices(d.labels)]
             y = evaluation_targets(raw, d.blank_policy)
@@ -100,13 +111,16 @@ class AlignmentObjective(Objective):
             batch["text_keys"] = [text_key(t) for t in texts]
         return batch
 
-    def _contrastive(self, out, text_ids) -> torch.Tensor:
+    def _contrastive(self, out, text_ids, group_ids) -> torch.Tensor:
         raise NotImplementedError
 
     def loss(self, model, batch):
         out = model(batch["images"], batch["input_ids"], batch["attention_mask"])
         ids = batch.get("text_ids") if self.cfg.objective.mask_duplicate_texts else None
-        return self._contrastive(out, None if ids is None else ids.to(out["image"].device))
+        groups = batch.get("group_ids")
+        device = out["image"].device
+        return self._contrastive(out, None if ids is None else ids.to(device),
+                                 None if groups is None else groups.to(device))
 
     # -- validation
 
@@ -176,8 +190,8 @@ class InfoNCEObjective(AlignmentObjective):
 
     name = "infonce"
 
-    def _contrastive(self, out, text_ids):
-        return infonce_loss(out["image"], out["text"], out["scale"], text_ids)
+    def _contrastive(self, out, text_ids, group_ids):
+        return infonce_loss(out["image"], out["text"], out["scale"], text_ids, group_ids)
 
 
 @OBJECTIVES.register("siglip")
@@ -186,5 +200,5 @@ class SigLIPObjective(AlignmentObjective):
 
     name = "siglip"
 
-    def _contrastive(self, out, text_ids):
-        return siglip_loss(out["image"], out["text"], out["scale"], out["bias"], text_ids)
+    def _contrastive(self, out, text_ids, group_ids):
+        return siglip_loss(out["image"], out["text"], out["scale"], out["bias"], text_ids, group_ids)

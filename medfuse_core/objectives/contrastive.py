@@ -26,6 +26,7 @@ __all__ = [
     "LogitScale",
     "duplicate_mask",
     "gather_features",
+    "shared_positives",
     "infonce_loss",
     "siglip_loss",
 ]
@@ -148,6 +149,29 @@ def duplicate_mask(text_ids: torch.Tensor) -> torch.Tensor:
     return mask
 
 
+def shared_positives(group_ids: torch.Tensor) -> torch.Tensor:
+    """``[B, world * B]`` True where a local row and a gathered row belong to the same group,
+    the row's own pair included (the diagonal at ``rank * B``).
+
+    ``group_ids``: this rank's ``[B]`` int64 group digests (for example, of what a report labeler
+    reads in each report: two reports that both read "left pleural effusion, nothing else" share
+    a group); gathered across ranks. Used as the positives of a multi-positive contrastive loss
+    (supervised-contrastive style), instead of scoring a same-reading report as a negative.
+    """
+    rank, _ = _rank_world()
+    mask = group_ids[:, None] == _gather_ids(group_ids)[None, :]
+    local = group_ids.shape[0]
+    mask[torch.arange(local, device=mask.device), torch.arange(local, device=mask.device) + rank * local] = True
+    return mask
+
+
+def _multi_positive_ce(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of ``-mean_{j in P(i)} log softmax(logits_i)_j`` (each row has a positive)."""
+    logp = F.log_softmax(logits, dim=1)
+    pos = positives.to(logp.dtype)
+    return (-(logp.masked_fill(~positives, 0.0) * pos).sum(1) / pos.sum(1)).mean()
+
+
 def _check_pair(img: torch.Tensor, txt: torch.Tensor) -> None:
     if img.ndim != 2 or img.shape != txt.shape:
         raise ValueError(f"expected image and text features of equal shape [B, D], got {tuple(img.shape)} and {tuple(txt.shape)}")
@@ -158,7 +182,7 @@ def _compute_dtype(img: torch.Tensor) -> torch.dtype:
 
 
 def infonce_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
-                 text_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 text_ids: Optional[torch.Tensor] = None, group_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Symmetric InfoNCE (CLIP): ``0.5 * (CE(image -> text) + CE(text -> image))``.
 
     ``img``, ``txt``: this rank's L2-normalised features ``[B, D]`` (row i of each is a pair);
@@ -166,7 +190,10 @@ def infonce_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor
     local texts against all gathered images; the positives sit at ``arange(B) + rank * B``. Each
     cross-entropy is the mean over the local rows, so the mean over ranks is the global-batch loss.
     ``text_ids`` (``[B]`` int64 digests of the texts): pairs whose texts are identical are left out
-    of each other's negatives (:func:`duplicate_mask`).
+    of each other's negatives (:func:`duplicate_mask`). ``group_ids`` (``[B]`` int64): rows of the
+    same group are each other's positives (:func:`shared_positives`); each row's loss is then the
+    mean negative log-probability of its positives (the supervised-contrastive form), which equals
+    plain InfoNCE when every group is a single pair. ``text_ids`` is ignored when groups are given.
     """
     _check_pair(img, txt)
     rank, _ = _rank_world()
@@ -176,6 +203,9 @@ def infonce_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor
     scale = logit_scale.to(dtype)
     logits_i2t = scale * img @ all_txt.T
     logits_t2i = scale * txt @ all_img.T
+    if group_ids is not None:
+        positives = shared_positives(group_ids)
+        return 0.5 * (_multi_positive_ce(logits_i2t, positives) + _multi_positive_ce(logits_t2i, positives))
     if text_ids is not None:
         mask = duplicate_mask(text_ids)
         logits_i2t = logits_i2t.masked_fill(mask, float("-inf"))
@@ -185,7 +215,7 @@ def infonce_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor
 
 
 def siglip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor,
-                text_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+                text_ids: Optional[torch.Tensor] = None, group_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Pairwise sigmoid loss (SigLIP), per image: ``-(1/B) sum_i sum_j log sigmoid(z_ij * s_ij)``.
 
     ``s_ij = logit_scale * <img_i, txt_j> + logit_bias``, ``z_ij = +1`` for the matching pair and
@@ -194,6 +224,8 @@ def siglip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
     process that is the loss divided by the global batch size; over ``W`` ranks the mean of the
     ranks' losses is the same number, since every pair is counted on exactly one rank.
     ``text_ids``: pairs of rows with identical texts (other than the positive) are left out.
+    ``group_ids``: pairs of rows of the same group are positives (``z_ij = +1``); ``text_ids`` is
+    then ignored.
     """
     _check_pair(img, txt)
     rank, _ = _rank_world()
@@ -205,23 +237,26 @@ def siglip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
     positives = torch.arange(local, device=img.device) + rank * local
     signs = torch.full_like(logits, -1.0)
     signs[torch.arange(local, device=img.device), positives] = 1.0
+    if group_ids is not None:
+        signs = signs.masked_fill(shared_positives(group_ids), 1.0)
+        return -F.logsigmoid(signs * logits).sum() / local
     terms = -F.logsigmoid(signs * logits)
     if text_ids is not None:
         terms = terms.masked_fill(duplicate_mask(text_ids), 0.0)
     return terms.sum() / local
 
 
-def _infonce(img: torch.Tensor, txt: torch.Tensor, scale: LogitScale, text_ids=None) -> torch.Tensor:
-    return infonce_loss(img, txt, scale(), text_ids)
+def _infonce(img: torch.Tensor, txt: torch.Tensor, scale: LogitScale, text_ids=None, group_ids=None) -> torch.Tensor:
+    return infonce_loss(img, txt, scale(), text_ids, group_ids)
 
 
-def _siglip(img: torch.Tensor, txt: torch.Tensor, scale: LogitScale, text_ids=None) -> torch.Tensor:
+def _siglip(img: torch.Tensor, txt: torch.Tensor, scale: LogitScale, text_ids=None, group_ids=None) -> torch.Tensor:
     if scale.bias is None:
         raise ValueError("siglip needs a LogitScale(kind='siglip') (one with a bias)")
-    return siglip_loss(img, txt, *scale(with_bias=True), text_ids=text_ids)
+    return siglip_loss(img, txt, *scale(with_bias=True), text_ids=text_ids, group_ids=group_ids)
 
 
-#: name -> ``fn(img, txt, scale: LogitScale, text_ids=None) -> loss``, for local L2-normalised features.
+#: name -> ``fn(img, txt, scale: LogitScale, text_ids=None, group_ids=None) -> loss``, for local L2-normalised features.
 CONTRASTIVE_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor, LogitScale], torch.Tensor]] = {
     "infonce": _infonce,
     "siglip": _siglip,
