@@ -354,7 +354,10 @@ def plot(rows: list[dict], pre: dict | None):
             lo = [r[f"{split}_{mode}"]["mean"] - r[f"{split}_{mode}"]["min"] for r in rs]
             hi = [r[f"{split}_{mode}"]["max"] - r[f"{split}_{mode}"]["mean"] for r in rs]
             ax.errorbar(x, m, yerr=[lo, hi], marker="o", capsize=4, color=color,
-                        label=f"{init} (mean, min-max over {max(r['n_seeds'] for r in rs)} seeds)")
+                        label=f"{init} (mean, min-max over seeds)")
+            for xi, mi, r in zip(x, m, rs):  # how many seeds each point averages
+                ax.annotate(f"n={r['n_seeds']}", (xi, mi), textcoords="offset points",
+                            xytext=(6, -12 if init == "scratch" else 6), fontsize=7, color=color)
         if pre is not None and mode == "image_only":
             ax.axhline(pre[split]["zero_shot_auroc_macro_drawn"] if split in pre
                        else pre["test"]["zero_shot_auroc_macro_drawn"], ls="--", color="tab:green",
@@ -364,11 +367,12 @@ def plot(rows: list[dict], pre: dict | None):
         ax.set_xlim(fr[0] / 2, fr[-1] * 2)
         ax.set_xticks(fr, [f"{f:g}" for f in fr])
         ax.minorticks_off()
+        ax.margins(y=0.1)
         ax.set_xlabel("label fraction of the training images")
         ax.set_title({"image_only": "image only", "image_text": "image + clinical context"}[mode])
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8, loc="best")
-    axes[0].set_ylabel(f"macro AUROC (drawn findings), {where}")
+    axes[0].set_ylabel(f"macro AUROC (drawn findings)\n{where}")
     fig.suptitle("Label efficiency on the independent corpus: fine-tuning from pretraining vs from scratch")
     fig.tight_layout()
     return fig
