@@ -34,13 +34,15 @@ by ``time_to_quality.prepare``, cached under ``--data-work``), in one process wi
    (experiment ``medfuse-label-efficiency``) with a child run per (fraction, seed, init) (params,
    validate/test metrics, the fine-tuning run's id and store); the parent gets the pretrained
    model's figures, the results table (``results_table.json``, ``results.csv``) and the plot
-   (``label_efficiency.png``: label fraction on a log axis, test macro AUROC, mean with min-max
-   bars, pretrained vs scratch, one panel per scoring mode).
+   (``label_efficiency.png``: label fraction on a log axis, macro AUROC on the held-out corpus
+   when there is one, else on test, mean with min-max bars, pretrained vs scratch, one panel per
+   scoring mode).
 
 Overrides: ``pretrain.KEY=VALUE`` and ``finetune.KEY=VALUE`` (positional), e.g.
 ``pretrain.train.epochs=6 finetune.train.epochs=8``. Settings are chosen on validate only;
 test is reported. Results go to ``--out`` (JSON) and a Markdown table is printed. Resumable: a
-cell whose result (same settings) is already in ``--out`` is skipped; ``--pretrain-only`` stops
+cell whose result (same settings) is already in ``--out`` is skipped, and the scratch cells are
+kept when only the pretraining settings change; ``--pretrain-only`` stops
 after step 1. Fine-tuning checkpoints (``W/ray``) are deleted once a cell is scored unless
 ``--keep-checkpoints``. It asserts nothing.
 """
@@ -573,15 +575,18 @@ def main(argv=None) -> int:
         f"test {pre['test']['zero_shot_auroc_macro_drawn']:.3f}; retrieval i2t R@10 validate "
         f"{pre['validate']['retrieval']['image_to_text']['R@10']:.3f}")
 
-    same_setup = (previous.get("pretrain", {}).get("workdir") == pre["workdir"]
-                  and previous.get("finetune_overrides") == fine_over
-                  and previous.get("finetune_config") == result["finetune_config"]
-                  and previous.get("corpus", {}).get("seed") == args.seed
-                  and previous.get("corpus", {}).get("studies") == args.studies
-                  and previous.get("holdout_corpus") == result.get("holdout_corpus"))
-    cells = dict(previous.get("cells", {})) if same_setup else {}
-    if previous and not same_setup:
-        say("the results in --out come from other settings; starting a new table")
+    same_finetuning = (previous.get("finetune_overrides") == fine_over
+                       and previous.get("finetune_config") == result["finetune_config"]
+                       and previous.get("corpus", {}).get("seed") == args.seed
+                       and previous.get("corpus", {}).get("studies") == args.studies
+                       and previous.get("holdout_corpus") == result.get("holdout_corpus"))
+    same_pretrain = previous.get("pretrain", {}).get("workdir") == pre["workdir"]
+    # a scratch cell never reads the pretrained model, so another pretraining keeps it
+    cells = {k: c for k, c in previous.get("cells", {}).items()
+             if same_finetuning and (same_pretrain or c["init"] == "scratch")}
+    if previous and not (same_finetuning and same_pretrain):
+        say(f"the results in --out come from other settings; starting a new table"
+            f"{f' (keeping its {len(cells)} scratch cells)' if cells else ''}")
         result["mlflow"] = {}
     result["cells"] = cells
     new_cells: list[str] = []
