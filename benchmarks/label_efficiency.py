@@ -171,8 +171,32 @@ def holdout_zero_shot(pre: dict, holdout: Path) -> dict:
 
     bundle_dir = Path(pre["workdir"]) / "model"
     parts = embed_pooled(bundle_dir, holdout)
-    r = evaluate_pretrained.score(parts, load_bundle(bundle_dir), default_prompts_path(), list(CHEXPERT_LABELS))
-    return {"corpus": str(holdout), **zero_shot_summary(r)}
+    r = evaluate_pretrained.score(parts, load_bundle(bundle_dir), default_prompts_path(), list(CHEXPERT_LABELS),
+                                  per_image=True)
+    ci = bootstrap_drawn_macro(r["per_image"]["scores"], r["per_image"]["y"], r["per_image"]["labels"])
+    return {"corpus": str(holdout), **zero_shot_summary(r), "zero_shot_auroc_macro_drawn_ci95": ci,
+            "ci": "2.5/97.5 percentiles of 1000 image-level bootstrap resamples"}
+
+
+def bootstrap_drawn_macro(scores: dict, y, labels: list[str], resamples: int = 1000, seed: int = 0) -> list[float]:
+    """95% interval of the zero-shot macro AUROC over the drawn findings, resampling images."""
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(seed)
+    cols = [(labels.index(k), np.asarray(scores[k])) for k in DRAWN if k in scores]
+    n, macros = len(y), []
+    for _ in range(resamples):
+        idx = rng.integers(0, n, n)
+        vals = []
+        for j, s in cols:
+            t, p = y[idx, j], s[idx]
+            keep = ~np.isnan(t)
+            if keep.any() and 0 < t[keep].sum() < keep.sum():
+                vals.append(roc_auc_score(t[keep], p[keep]))
+        macros.append(np.mean(vals))
+    lo, hi = np.percentile(macros, [2.5, 97.5])
+    return [float(lo), float(hi)]
 
 
 def pretrain_stage(data: Path, work: Path, config: Path, overrides: list[str]) -> dict:
@@ -562,10 +586,13 @@ def main(argv=None) -> int:
                                      else args.finetune_config), "finetune_overrides": fine_over,
               "mlflow": previous.get("mlflow", {})}
     pre = pretrain_stage(data, args.work, args.pretrain_config, pre_over)
-    if holdout is not None and pre.get("holdout", {}).get("corpus") != str(holdout):
+    if holdout is not None and (pre.get("holdout", {}).get("corpus") != str(holdout)
+                                or "zero_shot_auroc_macro_drawn_ci95" not in pre["holdout"]):
         pre["holdout"] = holdout_zero_shot(pre, holdout)
         say(f"pretrained: zero-shot macro AUROC (drawn) on the held-out corpus "
-            f"{pre['holdout']['zero_shot_auroc_macro_drawn']:.3f} ({max(pre['holdout']['n'].values())} images)")
+            f"{pre['holdout']['zero_shot_auroc_macro_drawn']:.3f} "
+            f"[{pre['holdout']['zero_shot_auroc_macro_drawn_ci95'][0]:.3f}, "
+            f"{pre['holdout']['zero_shot_auroc_macro_drawn_ci95'][1]:.3f}] ({max(pre['holdout']['n'].values())} images)")
         (Path(pre["workdir"]) / "label_efficiency_pretrain.json").write_text(json.dumps(pre, indent=2))
     if holdout is not None:
         result["holdout_corpus"] = {"generator": "benchmarks/indep_corpus.py", "studies": args.holdout_studies,

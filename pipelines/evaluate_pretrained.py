@@ -72,8 +72,10 @@ def embed_split(bundle_dir: Path, data_dir: Path, split: str) -> dict[str, np.nd
     return {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in out.items()}
 
 
-def score(parts: dict, bundle, prompts_path: Path, label_names: list[str]) -> dict:
-    """Zero-shot per-label AUROC and retrieval recall from the embedded split."""
+def score(parts: dict, bundle, prompts_path: Path, label_names: list[str], per_image: bool = False) -> dict:
+    """Zero-shot per-label AUROC and retrieval recall from the embedded split; ``per_image`` also
+    returns the zero-shot ``scores`` (label -> [N]) and their targets ``y`` ([N, L], NaN = not scored)
+    under ``"per_image"`` (for confidence intervals; not JSON)."""
     from medfuse_core.data.labels import CHEXPERT_LABELS
     from medfuse_core.evaluation.embeddings import embed_texts
     from medfuse_core.evaluation.retrieval import recall_at_k
@@ -86,10 +88,13 @@ def score(parts: dict, bundle, prompts_path: Path, label_names: list[str]) -> di
     y = parts["y"][:, [CHEXPERT_LABELS.index(n) for n in label_names]]
     zs = zero_shot_metrics(scores, y, label_names)
     retrieval = recall_at_k(parts["image"], parts["text"], text_keys=list(parts["key"]))
-    return {"zero_shot": {"auroc": zs["auroc"], "auroc_macro": zs["auroc_macro"], "n": zs["n"],
-                          "skipped": zs["skipped"], "prompts": str(prompts_path), "logit_scale": scale},
-            "retrieval": {"image_to_text": retrieval["image_to_text"], "text_to_image": retrieval["text_to_image"],
-                          "n": retrieval["n"], "duplicates_count_as_hits": True}}
+    out = {"zero_shot": {"auroc": zs["auroc"], "auroc_macro": zs["auroc_macro"], "n": zs["n"],
+                         "skipped": zs["skipped"], "prompts": str(prompts_path), "logit_scale": scale},
+           "retrieval": {"image_to_text": retrieval["image_to_text"], "text_to_image": retrieval["text_to_image"],
+                         "n": retrieval["n"], "duplicates_count_as_hits": True}}
+    if per_image:
+        out["per_image"] = {"scores": scores, "y": y, "labels": list(label_names)}
+    return out
 
 
 def run(bundle_dir: Path, facts: dict, model_ref: str, data_dir: Path, summary: dict, out: Path,
