@@ -29,7 +29,8 @@ by ``time_to_quality.prepare``, cached under ``--data-work``), in one process wi
    With ``--holdout-studies N`` every model (the pretrained one's zero-shot, and each fine-tuned
    cell) is also scored on every image of a held-out corpus (N studies of the same generator,
    ``--holdout-seed``, all splits pooled): thousands of images that nothing was chosen on, where
-   a test split of about a hundred images leaves 0.02-0.03 of noise.
+   a test split of about a hundred images leaves 0.02-0.03 of noise. The pretrained model's
+   held-out zero-shot macro also gets a 95% interval (1000 image-level bootstrap resamples).
 3. **MLflow**: one parent run ``label-efficiency`` in the embedded store under ``--work``
    (experiment ``medfuse-label-efficiency``) with a child run per (fraction, seed, init) (params,
    validate/test metrics, the fine-tuning run's id and store); the parent gets the pretrained
