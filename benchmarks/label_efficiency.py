@@ -65,7 +65,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))
 
-from time_to_quality import DRAWN, macro_auroc, prepare  # noqa: E402
+from time_to_quality import DRAWN, macro_auroc, prepare, resample_interval  # noqa: E402
 
 INITS = ("pretrained", "scratch")
 MODES = ("image_only", "image_text")
@@ -174,30 +174,22 @@ def holdout_zero_shot(pre: dict, holdout: Path) -> dict:
     parts = embed_pooled(bundle_dir, holdout)
     r = evaluate_pretrained.score(parts, load_bundle(bundle_dir), default_prompts_path(), list(CHEXPERT_LABELS),
                                   per_image=True)
-    ci = bootstrap_drawn_macro(r["per_image"]["scores"], r["per_image"]["y"], r["per_image"]["labels"])
+    ci = bootstrap_drawn_macro(r["per_image"]["scores"], r["per_image"]["y"], list(CHEXPERT_LABELS))
     return {"corpus": str(holdout), **zero_shot_summary(r), "zero_shot_auroc_macro_drawn_ci95": ci,
             "ci": "2.5/97.5 percentiles of 1000 image-level bootstrap resamples"}
 
 
 def bootstrap_drawn_macro(scores: dict, y, labels: list[str], resamples: int = 1000, seed: int = 0) -> list[float]:
-    """95% interval of the zero-shot macro AUROC over the drawn findings, resampling images."""
+    """95% interval of the zero-shot macro AUROC over the drawn findings, resampling images (the
+    embedded parts carry no patient ids)."""
     import numpy as np
-    from sklearn.metrics import roc_auc_score
 
-    rng = np.random.default_rng(seed)
-    cols = [(labels.index(k), np.asarray(scores[k])) for k in DRAWN if k in scores]
-    n, macros = len(y), []
-    for _ in range(resamples):
-        idx = rng.integers(0, n, n)
-        vals = []
-        for j, s in cols:
-            t, p = y[idx, j], s[idx]
-            keep = ~np.isnan(t)
-            if keep.any() and 0 < t[keep].sum() < keep.sum():
-                vals.append(roc_auc_score(t[keep], p[keep]))
-        macros.append(np.mean(vals))
-    lo, hi = np.percentile(macros, [2.5, 97.5])
-    return [float(lo), float(hi)]
+    from medfuse_core.evaluation.zero_shot import zero_shot_metrics
+
+    def drawn(idx):
+        return _drawn_macro(zero_shot_metrics({k: v[idx] for k, v in scores.items()}, y[idx], labels)["auroc"])
+
+    return resample_interval(drawn, [np.array([i]) for i in range(len(y))], resamples, seed)
 
 
 def pretrain_stage(data: Path, work: Path, config: Path, overrides: list[str]) -> dict:

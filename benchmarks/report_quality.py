@@ -189,12 +189,10 @@ def main() -> int:
            "train_seconds": train_s, "evaluate_seconds": eval_s, "model": result["report_generation"],
            "baselines": baselines, "identifier_leaks": len(leaks), "samples": rows[:3], "validate": validate,
            "reference_flags": oracle}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2))
-
     for m in (out["model"], validate, oracle, *baselines.values()):
         if m:
             m["clinical_efficacy"]["f1_macro_drawn"] = drawn_macro_f1(m["clinical_efficacy"])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2))
 
     def line(name, m):

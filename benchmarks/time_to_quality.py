@@ -87,6 +87,18 @@ def holdout_eval(data: Path) -> dict:
     return rows
 
 
+def resample_interval(stat, groups, n: int = 1000, seed: int = 0) -> list[float]:
+    """95% percentile interval of ``stat(row indices)`` over ``n`` resamples of whole ``groups``
+    (arrays of row indices: one per patient, or one per image), drawn with replacement."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    values = [stat(np.concatenate([groups[k] for k in rng.integers(0, len(groups), len(groups))]))
+              for _ in range(n)]
+    lo, hi = np.percentile(values, [2.5, 97.5])
+    return [float(lo), float(hi)]
+
+
 def paired_bootstrap(a, b, raw, patients, names: list[str], n: int = 1000, seed: int = 0) -> dict:
     """Macro AUROC of ``a`` minus ``b`` on the same images, with a 95% interval from resampling patients."""
     import numpy as np
@@ -94,18 +106,14 @@ def paired_bootstrap(a, b, raw, patients, names: list[str], n: int = 1000, seed:
     by_patient: dict = {}
     for i, pid in enumerate(patients):
         by_patient.setdefault(pid, []).append(i)
-    groups = [np.array(v) for v in by_patient.values()]
-    rng = np.random.default_rng(seed)
-    diffs = []
-    for _ in range(n):
-        idx = np.concatenate([groups[k] for k in rng.integers(0, len(groups), len(groups))])
-        ma, pa = macro_auroc(a[idx], raw[idx], names)
-        mb, pb = macro_auroc(b[idx], raw[idx], names)
-        common = sorted(set(pa) & set(pb))
-        diffs.append(float(np.mean([pa[k] - pb[k] for k in common])))
-    lo, hi = np.percentile(diffs, [2.5, 97.5])
+
+    def difference(idx):
+        pa, pb = macro_auroc(a[idx], raw[idx], names)[1], macro_auroc(b[idx], raw[idx], names)[1]
+        return float(np.mean([pa[k] - pb[k] for k in sorted(set(pa) & set(pb))]))
+
+    ci = resample_interval(difference, [np.array(v) for v in by_patient.values()], n, seed)
     return {"difference": float(macro_auroc(a, raw, names)[0] - macro_auroc(b, raw, names)[0]),
-            "ci95": [float(lo), float(hi)], "resamples": n, "unit": "patient"}
+            "ci95": ci, "resamples": n, "unit": "patient"}
 
 
 def read_split_table(data: Path, split: str, extra: list[str] = ()):

@@ -74,7 +74,8 @@ def embed_split(bundle_dir: Path, data_dir: Path, split: str) -> dict[str, np.nd
 
 def score(parts: dict, bundle, prompts_path: Path, label_names: list[str], per_image: bool = False) -> dict:
     """Zero-shot per-label AUROC and retrieval recall from the embedded split; ``per_image`` also
-    returns the zero-shot ``scores`` (label -> [N]) and their targets ``y`` ([N, L], NaN = not scored)
+    returns the zero-shot ``scores`` (label -> [N]) and their targets ``y`` ([N, L] in ``label_names``' order,
+    NaN = not scored)
     under ``"per_image"`` (for confidence intervals; not JSON)."""
     from medfuse_core.data.labels import CHEXPERT_LABELS
     from medfuse_core.evaluation.embeddings import embed_texts
@@ -93,7 +94,7 @@ def score(parts: dict, bundle, prompts_path: Path, label_names: list[str], per_i
            "retrieval": {"image_to_text": retrieval["image_to_text"], "text_to_image": retrieval["text_to_image"],
                          "n": retrieval["n"], "duplicates_count_as_hits": True}}
     if per_image:
-        out["per_image"] = {"scores": scores, "y": y, "labels": list(label_names)}
+        out["per_image"] = {"scores": scores, "y": y}
     return out
 
 

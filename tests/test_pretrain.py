@@ -79,6 +79,27 @@ def test_evaluate_on_a_pretrained_model(pretrained, tiny_data, tmp_path):
     assert "test/retrieval/image_to_text/R_at_10" in run.data.metrics
 
 
+def test_per_image_zero_shot_scores_give_the_reported_auroc(pretrained, tiny_data):
+    from medfuse_core.data.labels import CHEXPERT_LABELS
+    from medfuse_core.evaluation.zero_shot import default_prompts_path, zero_shot_metrics
+    from medfuse_core.models.bundle import load_bundle
+    from pipelines import evaluate_pretrained
+    from pipelines.runtime import init_ray
+
+    init_ray()
+    workdir, _ = pretrained
+    parts = evaluate_pretrained.embed_split(workdir / "model", tiny_data, "test")
+    names = list(CHEXPERT_LABELS)
+    r = evaluate_pretrained.score(parts, load_bundle(workdir / "model"), default_prompts_path(), names,
+                                  per_image=True)
+    scores, y = r["per_image"]["scores"], r["per_image"]["y"]
+    assert y.shape == (len(parts["image"]), len(names))
+    assert all(len(v) == len(y) for v in scores.values())
+    assert r["zero_shot"]["auroc"] and zero_shot_metrics(scores, y, names)["auroc"] == r["zero_shot"]["auroc"]
+    assert "per_image" not in evaluate_pretrained.score(parts, load_bundle(workdir / "model"),
+                                                        default_prompts_path(), names)
+
+
 def test_encoder_weights_reach_the_diagnosis_model(pretrained):
     from safetensors.torch import load_file
 
