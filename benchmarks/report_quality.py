@@ -78,12 +78,12 @@ def decoding_tag(decoding) -> str:
     return "".join(f"-{k.removeprefix('decoding.')}_{v}" for k, v in (d.split("=", 1) for d in decoding))
 
 
-def score_validate(data: Path, workdir: Path, env: dict, decoding=()) -> dict:
+def score_validate(data: Path, workdir: Path, env: dict, decoding=(), tag: str = "") -> dict:
     """``medfuse generate --split validate`` scored like evaluate scores test (the split that
     chooses defaults; test is only reported)."""
     from pipelines.evaluate_report import score_drafts
 
-    out = workdir / f"validate_drafts{decoding_tag(decoding)}.csv"
+    out = workdir / f"validate_drafts{tag}{decoding_tag(decoding)}.csv"
     if not out.exists():
         subprocess.run([sys.executable, "-m", "pipelines.cli", "generate", "--model", str(workdir), "--data", str(data),
                         "--split", "validate", "--out", str(out), *decoding], check=True, env=env, cwd=str(REPO))
@@ -93,36 +93,72 @@ def score_validate(data: Path, workdir: Path, env: dict, decoding=()) -> dict:
     return score_drafts([r["report"] for r in rows], [refs[r["record_id"]] for r in rows])
 
 
+def _labelled_batches(data: Path, split: str, bundle):
+    """``(record_ids, images, contexts, positives [B, L])`` over a split in batches of 16, the
+    positives being the study labels equal to 1 over the guidance head's labels."""
+    import numpy as np
+    import pyarrow.dataset as pads
+
+    from medfuse_core.data.batching import blobs_to_tensor, label_indices
+
+    names = list(bundle.model.guide_labels)
+    cols = ["record_id", "image", "image_size", "context", "labels"]
+    ds = pads.dataset(str(data / "shards" / f"split={split}"), format="parquet", partitioning=None)
+    for batch in ds.to_batches(columns=cols, batch_size=16):
+        rows = {c: batch.column(c).to_pylist() for c in cols}
+        labels = np.stack([np.asarray(v, dtype=np.float32) for v in rows["labels"]])[:, label_indices(names)]
+        images = blobs_to_tensor(np.asarray(rows["image"], dtype=object), np.asarray(rows["image_size"]),
+                                 bundle.image_size)
+        yield rows["record_id"], images, [c if isinstance(c, str) else "" for c in rows["context"]], labels == 1.0
+
+
 def score_oracle(data: Path, workdir: Path, split: str = "test", decoding=()) -> dict:
     """Drafts of a guided model prompted with each study's reference labels instead of its head's
     flags, scored like the model's own: the clinical F1 the LM reaches were the findings head
     perfect, which tells the head's share of the gap from the LM's."""
-    import numpy as np
-    import pyarrow.dataset as pads
     import torch
 
-    from medfuse_core.data.batching import blobs_to_tensor, label_indices
     from medfuse_core.evaluation.report_inference import decoding_settings, draft_batch
     from medfuse_core.models.bundle import load_bundle
     from pipelines.evaluate_report import score_drafts
 
     bundle = load_bundle(workdir / "model", device="cpu")
-    names = list(bundle.model.guide_labels)
     settings = decoding_settings(bundle, decoding)
-    cols = ["image", "image_size", "context", "labels", "report"]
-    ds = pads.dataset(str(data / "shards" / f"split={split}"), format="parquet", partitioning=None)
     refs = references(data, split, with_ids=True)
     drafts, kept = [], []
-    for batch in ds.to_batches(columns=["record_id", *cols], batch_size=16):
-        rows = {c: batch.column(c).to_pylist() for c in ["record_id", *cols]}
-        labels = np.stack([np.asarray(v, dtype=np.float32) for v in rows["labels"]])[:, label_indices(names)]
-        images = blobs_to_tensor(np.asarray(rows["image"], dtype=object), np.asarray(rows["image_size"]),
-                                 bundle.image_size)
-        contexts = [c if isinstance(c, str) else "" for c in rows["context"]]
-        drafts += draft_batch(bundle, images, contexts, settings, flags=torch.from_numpy(labels == 1.0))
-        kept += [refs[r] for r in rows["record_id"]]
+    for ids, images, contexts, positives in _labelled_batches(data, split, bundle):
+        drafts += draft_batch(bundle, images, contexts, settings, flags=torch.from_numpy(positives))
+        kept += [refs[r] for r in ids]
     keep = [k for k, r in enumerate(kept) if r.strip()]
     return score_drafts([drafts[k] for k in keep], [kept[k] for k in keep])
+
+
+def score_head(data: Path, workdir: Path, split: str = "test") -> dict:
+    """A guided model's findings head scored directly against the study labels (no drafting):
+    AUROC, and F1 of its flags at the thresholds it drafts with, per drawn finding and their macro."""
+    import numpy as np
+    import torch
+
+    from medfuse_core.evaluation.metrics import multilabel_metrics
+    from medfuse_core.models.bundle import load_bundle
+    from medfuse_core.models.report import guide_flags
+
+    bundle = load_bundle(workdir / "model", device="cpu")
+    names = list(bundle.model.guide_labels)
+    cuts = (bundle.extra or {}).get("guide_thresholds") or {}
+    probs, flags, ys = [], [], []
+    with torch.no_grad():
+        for _, images, _, positives in _labelled_batches(data, split, bundle):
+            p, f = guide_flags(bundle.model, images, [cuts.get(n, 0.5) for n in names])
+            probs.append(p.numpy()), flags.append(f.numpy()), ys.append(positives)
+    y = np.concatenate(ys).astype(np.float64)
+    # the flags as 0/1 scores at a 0.5 cut: F1 of exactly what the LM is prompted with
+    m = multilabel_metrics(np.concatenate(flags).astype(np.float64), y, names)
+    auroc = multilabel_metrics(np.concatenate(probs), y, names)["auroc"]
+    drawn = [n for n in DRAWN if n in m["f1"]]
+    return {"f1": m["f1"], "auroc": auroc, "counts": m["counts"], "n": m["n"],
+            "f1_macro_drawn": float(np.mean([m["f1"][n] for n in drawn])),
+            "auroc_macro_drawn": float(np.mean([auroc[n] for n in drawn if n in auroc]))}
 
 
 def main() -> int:
@@ -131,6 +167,10 @@ def main() -> int:
     p.add_argument("--studies", type=int, default=1000)
     p.add_argument("--seed", type=int, default=11)
     p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--train-studies", type=int, default=None,
+                   help="train on another corpus of the independent generator (this many studies, --train-seed); "
+                        "drafts are still scored on the --studies/--seed corpus")
+    p.add_argument("--train-seed", type=int, default=None)
     p.add_argument("--config", default=str(REPO / "experiments" / "report_cxr_cpu.yaml"))
     p.add_argument("--workdir", type=Path, default=None)
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "report_quality.json")
@@ -148,17 +188,25 @@ def main() -> int:
 
     data = prepare(args.work, args.studies, args.seed, args.image_size)
     corpus = args.work / f"indep-{args.studies}-s{args.seed}"
+    train_data, train_corpus = data, corpus
+    if args.train_studies or args.train_seed is not None:
+        t_studies, t_seed = args.train_studies or args.studies, args.seed if args.train_seed is None else args.train_seed
+        train_data = prepare(args.work, t_studies, t_seed, args.image_size)
+        train_corpus = args.work / f"indep-{t_studies}-s{t_seed}"
     workdir = args.workdir or args.work / f"report-{int(time.time())}"
     env = {**os.environ, "MEDFUSE_PROGRESS": "0"}
     say(f"machine: {json.dumps(machine_facts())}")
-    ev = workdir / f"evaluate{decoding_tag(args.decoding)}.json"
+    # drafts of another corpus than the default benchmark's go to their own files
+    tag = "" if (args.studies, args.seed) == (p.get_default("studies"), p.get_default("seed")) else \
+        f"-{args.studies}-s{args.seed}"
+    ev = workdir / f"evaluate{tag}{decoding_tag(args.decoding)}.json"
     train_s = eval_s = float("nan")
     if args.rescore and (workdir / "model" / "medfuse_model.json").exists():
         say(f"scoring the model already trained in {workdir}")
     else:
         t0 = time.time()
         subprocess.run([sys.executable, "-m", "pipelines.cli", "train-report", "--config", args.config, "--data",
-                        str(data), "--workdir", str(workdir), *args.overrides], check=True, env=env, cwd=str(REPO))
+                        str(train_data), "--workdir", str(workdir), *args.overrides], check=True, env=env, cwd=str(REPO))
         train_s = time.time() - t0
         say(f"trained in {train_s:.0f} s")
     if not (args.rescore and ev.exists()):
@@ -172,7 +220,7 @@ def main() -> int:
     drafts = [r["report"] for r in rows]
     refs = [r["reference"] for r in rows]
     keep = [k for k, r in enumerate(refs) if r.strip()]
-    train_refs = [r for r in references(data, "train") if r.strip()]
+    train_refs = [r for r in references(train_data, "train") if r.strip()]
     common = Counter(train_refs).most_common(1)[0][0]
     rng = np.random.default_rng(0)
     baselines = {
@@ -180,15 +228,16 @@ def main() -> int:
         "random_training_report": score_drafts([train_refs[i] for i in rng.integers(0, len(train_refs), len(keep))],
                                                [refs[k] for k in keep]),
     }
-    leaks = leaked_identifiers(drafts, corpus_identifiers(corpus))
-    validate = score_validate(data, workdir, env, args.decoding) if args.validate else None
+    leaks = leaked_identifiers(drafts, sorted(set(corpus_identifiers(corpus)) | set(corpus_identifiers(train_corpus))))
+    validate = score_validate(data, workdir, env, args.decoding, tag) if args.validate else None
     guided = json.loads((workdir / "model" / "medfuse_model.json").read_text())["extra"].get("guide_thresholds")
     oracle = score_oracle(data, workdir, decoding=args.decoding) if guided else None
+    head = score_head(data, workdir) if guided else None
     out = {"command": " ".join(sys.argv), "decoding": args.decoding, "machine": machine_facts(), "data": str(data),
-           "workdir": str(workdir),
+           "train_data": str(train_data), "workdir": str(workdir),
            "train_seconds": train_s, "evaluate_seconds": eval_s, "model": result["report_generation"],
            "baselines": baselines, "identifier_leaks": len(leaks), "samples": rows[:3], "validate": validate,
-           "reference_flags": oracle}
+           "reference_flags": oracle, "head_flags": head}
     for m in (out["model"], validate, oracle, *baselines.values()):
         if m:
             m["clinical_efficacy"]["f1_macro_drawn"] = drawn_macro_f1(m["clinical_efficacy"])
@@ -210,6 +259,9 @@ def main() -> int:
         print(line("the same LM, prompted with the reference labels", oracle))
     for name, m in baselines.items():
         print(line(name.replace("_", " "), m))
+    if head:
+        print(f"\nthe findings head's flags against the study labels, test: macro F1 over the drawn findings "
+              f"{head['f1_macro_drawn']:.3f}, macro AUROC {head['auroc_macro_drawn']:.3f}")
     print(f"\nidentifier leaks in {len(drafts)} drafts: {len(leaks)}; training {train_s:.0f} s, evaluate {eval_s:.0f} s")
     return 0
 
