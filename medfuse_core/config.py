@@ -380,11 +380,14 @@ class GuidanceConfig(_Section):
     trained beside the LM (masked BCE on the study's labels, positive = 1), and the LM reads the
     flagged findings as a prompt (``Flagged: <names>.``) before the report. Training prompts
     flag the study's labels; drafts flag the head's probabilities at the per-finding F1-best
-    thresholds chosen on the validation split when training ends."""
+    thresholds chosen on the validation split when training ends. A finding the head scores at
+    a validate AUROC under ``min_auroc`` is never flagged: the F1-best cut of a head without
+    signal flags nearly every image, and each such flag puts a finding in every draft."""
 
     enabled: bool = False
     labels: list[str] = Field(default_factory=lambda: list(CHEXPERT_LABELS))
     loss_weight: float = Field(1.0, ge=0.0)  # of the head's BCE, beside the report's cross-entropy
+    min_auroc: float = Field(0.6, ge=0.5, le=1.0)  # validate AUROC a finding needs to be flagged at all
 
     @field_validator("labels")
     @classmethod

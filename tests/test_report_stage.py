@@ -49,7 +49,7 @@ def test_train_report_logs_and_registers_a_report_model(trained):
     assert meta["kind"] == "report" and meta["extra"]["decoding"]["max_new_tokens"] == 12
     thresholds = meta["extra"]["guide_thresholds"]  # chosen on validate when training ended
     assert list(thresholds) == meta["model_config"]["guidance"]["labels"]
-    assert all(0.0 <= t <= 1.0 for t in thresholds.values())
+    assert all(0.0 <= t <= 1.0 or t == train_report.NEVER_FLAG for t in thresholds.values())
     client = mlflow.MlflowClient(facts["tracking_uri"], registry_uri=facts["tracking_uri"])
     run = client.get_run(facts["mlflow_run_id"])
     assert run.data.tags["medfuse.stage"] == "report" and "val/perplexity" in run.data.metrics
