@@ -10,7 +10,9 @@ then ``medfuse evaluate`` on the trained model (``report_generation`` metrics on
 and beside it two plain baselines scored the same way: every test image gets the most common
 training report (a label-blind draft), and every test image gets the report of a random
 training image. A guided model's LM is also scored prompted with the reference labels
-instead of its head's flags (the head made perfect). Then it checks the drafts against the corpus's identifiers (patient and study
+instead of its head's flags (the head made perfect), and the head's flags are scored directly
+against the study labels. ``--train-studies N --train-seed S`` trains on another corpus of the
+same generator (a larger archive) and still scores on this one. Then it checks the drafts against the corpus's identifiers (patient and study
 ids, the header names and institution): none may appear. It asserts nothing.
 """
 
