@@ -152,7 +152,9 @@ def score_head(data: Path, workdir: Path, split: str = "test") -> dict:
     with torch.no_grad():
         for _, images, _, positives in _labelled_batches(data, split, bundle):
             p, f = guide_flags(bundle.model, images, [cuts.get(n, 0.5) for n in names])
-            probs.append(p.numpy()), flags.append(f.numpy()), ys.append(positives)
+            probs.append(p.numpy())
+            flags.append(f.numpy())
+            ys.append(positives)
     y = np.concatenate(ys).astype(np.float64)
     # the flags as 0/1 scores at a 0.5 cut: F1 of exactly what the LM is prompted with
     m = multilabel_metrics(np.concatenate(flags).astype(np.float64), y, names)
