@@ -18,7 +18,6 @@ from pipelines.ingest import load_summary
 from pipelines.training import check_image_size, objective_datasets, prepare_init_from, run_training
 
 STATE_FILE = "report.json"
-NEVER_FLAG = 2.0  # a threshold no probability reaches: the finding is never flagged
 log = logging.getLogger("medfuse")
 
 
@@ -53,13 +52,13 @@ def run(cfg: ReportConfig, data_dir: str | Path, workdir: str | Path, context=No
 
 def finalize(model_dir: Path, data_dir: Path) -> tuple[dict, dict]:
     """A guided model's flag thresholds, chosen on validation (the F1-best point per finding;
-    never flagged, :data:`NEVER_FLAG`, where the head's validate AUROC is under
+    never flagged where the head's validate AUROC is under
     ``guidance.min_auroc``), stored in the bundle's ``extra`` (``guide_thresholds``); returns
     ``(metrics, figures)``."""
     import numpy as np
 
     from medfuse_core.config import GuidanceConfig
-    from medfuse_core.evaluation.metrics import multilabel_metrics
+    from medfuse_core.evaluation.metrics import NEVER_FLAG, choose_thresholds, multilabel_metrics
     from medfuse_core.models.bundle import read_bundle_meta, update_bundle_extra
 
     meta = read_bundle_meta(model_dir)
@@ -71,7 +70,8 @@ def finalize(model_dir: Path, data_dir: Path) -> tuple[dict, dict]:
     if len(probs) == 0:
         log.warning("guidance: no labelled validate rows; drafts flag findings at probability 0.5")
         return {}, {}
-    thresholds, silent = flag_thresholds(probs, labels, names, guidance.min_auroc)
+    thresholds = choose_thresholds(probs, labels, min_auroc=guidance.min_auroc)
+    silent = [n for n, t in zip(names, thresholds) if t == NEVER_FLAG]
     if silent:
         log.info("guidance: never flagged (validate AUROC under %.2f): %s", guidance.min_auroc, ", ".join(silent))
     update_bundle_extra(model_dir, {"guide_thresholds": {n: float(t) for n, t in zip(names, thresholds)}})
@@ -81,20 +81,6 @@ def finalize(model_dir: Path, data_dir: Path) -> tuple[dict, dict]:
     metrics = {"val/guide/auroc_macro": m["auroc_macro"], "val/guide/f1_macro": m["f1_macro"],
                "val/guide/n": float(len(probs)), "val/guide/never_flagged": float(len(silent))}
     return {k: v for k, v in metrics.items() if v == v and np.isfinite(v)}, {}
-
-
-def flag_thresholds(probs, labels, names, min_auroc: float):
-    """Per-finding flag thresholds from validate ``probs`` and ``labels`` (``[N, L]``): the F1-best
-    cut, or :data:`NEVER_FLAG` where the head's AUROC is under ``min_auroc`` (a finding without
-    validate positives keeps the default cut). Returns ``(thresholds, never-flagged names)``."""
-    from medfuse_core.evaluation.metrics import choose_thresholds, multilabel_metrics
-
-    thresholds = choose_thresholds(probs, labels)
-    auroc = multilabel_metrics(probs, labels, names, thresholds)["auroc"]
-    silent = [n for n in names if auroc.get(n, 1.0) < min_auroc]
-    for n in silent:
-        thresholds[list(names).index(n)] = NEVER_FLAG
-    return thresholds, silent
 
 
 def guide_scores(model_dir: Path, data_dir: Path, split: str):

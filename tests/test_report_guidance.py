@@ -181,7 +181,7 @@ def test_no_finding_is_flagged_only_when_nothing_else_is(lm_dir):
 
 
 def test_a_finding_the_head_cannot_see_is_never_flagged():
-    from pipelines.train_report import NEVER_FLAG, flag_thresholds
+    from medfuse_core.evaluation.metrics import NEVER_FLAG, choose_thresholds
 
     rng = np.random.default_rng(0)
     n = 200
@@ -191,11 +191,11 @@ def test_a_finding_the_head_cannot_see_is_never_flagged():
     # the first head separates its finding; the second scores every image alike (AUROC 0.5), where
     # the F1-best cut alone flags every image; the third finding has no validate positives
     probs = np.stack([np.where(seen, 0.8, 0.2) + rng.normal(0, 0.05, n), np.full(n, 0.3), rng.random(n)], 1)
-    names = ["Pleural Effusion", "Fracture", "Edema"]
-    plain, none_silent = flag_thresholds(probs, labels, names, min_auroc=0.5)
-    assert none_silent == [] and plain[1] <= 0.3  # the degenerate cut: everything flagged
-    cuts, silent = flag_thresholds(probs, labels, names, min_auroc=0.6)
-    assert silent == ["Fracture"] and cuts[1] == NEVER_FLAG and not (probs[:, 1] >= cuts[1]).any()
+    plain = choose_thresholds(probs, labels)
+    assert NEVER_FLAG not in plain and plain[1] <= 0.3  # the degenerate cut: everything flagged
+    assert choose_thresholds(probs, labels, min_auroc=0.5).tolist() == plain.tolist()
+    cuts = choose_thresholds(probs, labels, min_auroc=0.6)
+    assert (cuts == NEVER_FLAG).tolist() == [False, True, False] and not (probs[:, 1] >= cuts[1]).any()
     assert 0.2 < cuts[0] < 0.8 and cuts[2] == 0.5
 
 

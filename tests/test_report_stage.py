@@ -14,6 +14,7 @@ import pytest
 import pyarrow.dataset as pads
 
 from medfuse_core.config import ReportConfig
+from medfuse_core.evaluation.metrics import NEVER_FLAG
 from medfuse_core.evaluation.report_metrics import has_findings_and_impression
 from medfuse_core.experiment import load_config
 from medfuse_core.models.tiny_lm import save_tiny_causal_lm
@@ -49,7 +50,7 @@ def test_train_report_logs_and_registers_a_report_model(trained):
     assert meta["kind"] == "report" and meta["extra"]["decoding"]["max_new_tokens"] == 12
     thresholds = meta["extra"]["guide_thresholds"]  # chosen on validate when training ended
     assert list(thresholds) == meta["model_config"]["guidance"]["labels"]
-    assert all(0.0 <= t <= 1.0 or t == train_report.NEVER_FLAG for t in thresholds.values())
+    assert all(0.0 <= t <= 1.0 or t == NEVER_FLAG for t in thresholds.values())
     client = mlflow.MlflowClient(facts["tracking_uri"], registry_uri=facts["tracking_uri"])
     run = client.get_run(facts["mlflow_run_id"])
     assert run.data.tags["medfuse.stage"] == "report" and "val/perplexity" in run.data.metrics

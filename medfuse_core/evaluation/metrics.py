@@ -18,13 +18,21 @@ def _valid(labels: np.ndarray, j: int) -> np.ndarray:
     return ~np.isnan(labels[:, j])
 
 
-def choose_thresholds(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Per-label threshold maximising F1 on (validation) data; 0.5 where a label has no positives."""
+NEVER_FLAG = 2.0  # a threshold no probability reaches: the label is never flagged
+
+
+def choose_thresholds(probs: np.ndarray, labels: np.ndarray, min_auroc: float | None = None) -> np.ndarray:
+    """Per-label threshold maximising F1 on (validation) data; 0.5 where a label has no positives.
+    With ``min_auroc``, a label scored under that AUROC gets :data:`NEVER_FLAG` instead: the
+    F1-best cut of a score without signal flags nearly every row."""
     thresholds = np.full(probs.shape[1], 0.5, dtype=np.float64)
     for j in range(probs.shape[1]):
         m = _valid(labels, j)
         y, p = labels[m, j], probs[m, j]
         if y.size == 0 or y.sum() == 0:
+            continue
+        if min_auroc is not None and y.sum() < y.size and roc_auc_score(y, p) < min_auroc:
+            thresholds[j] = NEVER_FLAG
             continue
         precision, recall, cuts = precision_recall_curve(y, p)
         f1 = 2 * precision * recall / np.clip(precision + recall, 1e-12, None)
