@@ -36,6 +36,7 @@ def print_results(result: dict) -> None:
         for key in ("f1_micro_14", "f1_macro_14", "f1_micro_5", "f1_macro_5"):
             table.add_row(f"clinical {key}", f"{ce[key]:.3f}")
         table.add_row("drafts with text to redact", str(rg["phi_suspect_drafts"]))
+        table.add_row("drafts ending mid-sentence", str(rg["drafts_ending_mid_sentence"]))
         Console().print(table)
         return
 

@@ -2,7 +2,8 @@
 ``report_generation``: BLEU-4 and ROUGE-L (sacrebleu, rouge-score), clinical efficacy (a
 labeler on drafts and references: micro/macro F1 over the 14 CheXpert labels and the 5
 competition findings, and per label), the share of drafts with both FINDINGS and IMPRESSION,
-and drafts in which the de-identification scrubber finds anything it would redact.
+drafts in which the de-identification scrubber finds anything it would redact, and drafts that stop
+inside a sentence (cut by ``decoding.max_new_tokens``).
 
 References are the de-identified report's FINDINGS + IMPRESSION, as the model was trained on.
 The drafts are written beside ``--out`` (``<name>_drafts.csv``: record_id, report, reference).
@@ -38,13 +39,14 @@ def phi_suspects(texts: Sequence[str]) -> int:
 def score_drafts(drafts: Sequence[str], references: Sequence[str], labeler: str = "rules") -> dict:
     """The ``report_generation`` metrics of drafts against their references."""
     from medfuse_core.evaluation.report_labeler import LABELERS, clinical_efficacy
-    from medfuse_core.evaluation.report_metrics import has_findings_and_impression, nlg_metrics
+    from medfuse_core.evaluation.report_metrics import ends_mid_sentence, has_findings_and_impression, nlg_metrics
 
     ce = clinical_efficacy(drafts, references, labeler=LABELERS.get(labeler)())
     return {"n": len(drafts), **nlg_metrics(drafts, references), "clinical_efficacy": {"labeler": labeler, **ce},
             "findings_and_impression_rate": float(np.mean([has_findings_and_impression(d) for d in drafts]))
             if drafts else float("nan"),
-            "phi_suspect_drafts": phi_suspects(drafts)}
+            "phi_suspect_drafts": phi_suspects(drafts),
+            "drafts_ending_mid_sentence": sum(ends_mid_sentence(d) for d in drafts)}
 
 
 def per_label_f1_figure(per_label: dict):
@@ -98,7 +100,8 @@ def run(bundle_dir: Path, facts: dict, model_ref: str, data_dir: Path, summary: 
             tracking.log_dataset(summary, data_dir, context="evaluation", splits=("test",))
             metrics = {"test/report/bleu4": rg["bleu4"], "test/report/rouge_l": rg["rouge_l"],
                        "test/report/findings_and_impression_rate": rg["findings_and_impression_rate"],
-                       "test/report/phi_suspect_drafts": rg["phi_suspect_drafts"]}
+                       "test/report/phi_suspect_drafts": rg["phi_suspect_drafts"],
+                       "test/report/drafts_ending_mid_sentence": rg["drafts_ending_mid_sentence"]}
             for key in ("f1_micro_14", "f1_macro_14", "f1_micro_5", "f1_macro_5"):
                 metrics[f"test/report/{key}"] = ce[key]
             for name, value in ce["per_label_f1"].items():

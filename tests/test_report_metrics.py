@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from medfuse_core.evaluation.report_metrics import has_findings_and_impression, leaked_identifiers, nlg_metrics
+from medfuse_core.evaluation.report_metrics import (ends_mid_sentence, has_findings_and_impression, leaked_identifiers,
+                                                    nlg_metrics)
 
 REF = "FINDINGS: Small left pleural effusion. No pneumothorax. IMPRESSION: Small left effusion."
 
@@ -23,6 +24,15 @@ def test_layout_check():
     assert has_findings_and_impression("FINDINGS:\nLungs clear.\n\nIMPRESSION:\nNo acute process.")
     assert not has_findings_and_impression("FINDINGS: Lungs clear.")
     assert not has_findings_and_impression("Lungs clear. No acute process.")
+
+
+def test_drafts_cut_by_the_token_budget_are_counted():
+    cut = "FINDINGS: Right and left small pleural effusions.\nIMPRESSION: Right and left small pleural"
+    assert not ends_mid_sentence(REF) and not ends_mid_sentence(REF + "  \n")
+    assert ends_mid_sentence(cut) and ends_mid_sentence("")
+    from pipelines.evaluate_report import score_drafts
+
+    assert score_drafts([REF, cut, cut], [REF] * 3)["drafts_ending_mid_sentence"] == 2
 
 
 def test_leaked_identifiers_are_found_on_word_boundaries():

@@ -106,6 +106,7 @@ def test_evaluate_scores_drafts_and_logs_them(trained, tiny_data, tmp_path):
     client = mlflow.MlflowClient(facts["tracking_uri"])
     run = client.get_run(facts["mlflow_run_id"])
     assert "test/report/rouge_l" in run.data.metrics and "test/report/f1_micro_14" in run.data.metrics
+    assert run.data.metrics["test/report/drafts_ending_mid_sentence"] == rg["drafts_ending_mid_sentence"] <= rg["n"]
     artifacts = {a.path for a in client.list_artifacts(facts["mlflow_run_id"], "evaluation")}
     assert {"evaluation/report_f1_per_finding.png", "evaluation/report_samples.json",
             "evaluation/test_drafts.csv"} <= artifacts

@@ -34,6 +34,12 @@ def has_findings_and_impression(text: str) -> bool:
     return bool(sections.get("findings", "").strip()) and bool(sections.get("impression", "").strip())
 
 
+def ends_mid_sentence(text: str) -> bool:
+    """True when a report's text stops inside a sentence (its last character is not ``.``, ``!``
+    or ``?``): a draft that ran out of ``decoding.max_new_tokens`` before it ended."""
+    return not (text or "").rstrip().endswith((".", "!", "?"))
+
+
 def leaked_identifiers(texts: Sequence[str], identifiers: Iterable[str], min_length: int = 4) -> list[tuple[int, str]]:
     """``(text index, identifier)`` for every identifier (names, ids, dates of the training corpus)
     found in a text, case-insensitive and on word boundaries; identifiers shorter than
