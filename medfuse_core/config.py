@@ -427,6 +427,10 @@ class DecodingSettings(_Section):
     # rest sampled at temperature / top_p) and keeps the one whose findings, read back by the rule
     # labeler, agree most with its flags; 1: one draft, no reranking
     candidates: int = Field(1, ge=1, le=64)
+    # a guided model's draft made to state its flags with the training reports' own sentences:
+    # "add" states each flagged finding the draft leaves out, "exact" also removes the sentences
+    # stating an unflagged one (medfuse_core.evaluation.flag_agreement); "none" leaves the draft
+    flag_agreement: Literal["none", "add", "exact"] = "none"
 
 
 class ReportConfig(_StageSection):
@@ -451,6 +455,9 @@ class ReportConfig(_StageSection):
         if self.decoding.candidates > 1 and not self.model.guidance.enabled:
             raise ValueError("decoding.candidates: reranking candidates by their findings needs a guided model; "
                              "set model.guidance.enabled=true, or decoding.candidates=1")
+        if self.decoding.flag_agreement != "none" and not self.model.guidance.enabled:
+            raise ValueError("decoding.flag_agreement: agreeing with the findings flags needs a guided model; "
+                             "set model.guidance.enabled=true, or decoding.flag_agreement=none")
         return self
 
 

@@ -52,21 +52,26 @@ def run(cfg: ReportConfig, data_dir: str | Path, workdir: str | Path, context=No
 
 def finalize(model_dir: Path, data_dir: Path) -> tuple[dict, dict]:
     """A guided model's flag thresholds, chosen on validation (the F1-best point per finding;
-    never flagged where the head's validate AUROC is under
-    ``guidance.min_auroc``), stored in the bundle's ``extra`` (``guide_thresholds``); returns
-    ``(metrics, figures)``."""
+    never flagged where the head's validate AUROC is under ``guidance.min_auroc``), and the
+    training reports' sentences that state each finding (for ``decoding.flag_agreement``), stored
+    in the bundle's ``extra`` (``guide_thresholds``, ``flag_sentences``); returns ``(metrics, figures)``."""
     import numpy as np
 
     from medfuse_core.config import GuidanceConfig
     from medfuse_core.evaluation.metrics import NEVER_FLAG, choose_thresholds, multilabel_metrics
-    from medfuse_core.models.bundle import read_bundle_meta, update_bundle_extra
+    from medfuse_core.models.bundle import load_bundle, read_bundle_meta, update_bundle_extra
 
     meta = read_bundle_meta(model_dir)
     guidance = GuidanceConfig(**((meta.get("model_config") or {}).get("guidance") or {}))
     if not guidance.enabled:
         return {}, {}
     names = list(guidance.labels)
-    probs, labels = guide_scores(model_dir, data_dir, "validate")
+    bundle = load_bundle(model_dir)
+    sentences = flag_sentences(bundle, data_dir, names)
+    update_bundle_extra(model_dir, {"flag_sentences": sentences})
+    log.info("flag agreement: sentences stating %d of %d findings mined from the training reports",
+             len({n for e in sentences["findings"] + sentences["impression"] for n in e["labels"]}), len(names))
+    probs, labels = guide_scores(bundle, data_dir, "validate")
     if len(probs) == 0:
         log.warning("guidance: no labelled validate rows; drafts flag findings at probability 0.5")
         return {}, {}
@@ -83,19 +88,34 @@ def finalize(model_dir: Path, data_dir: Path) -> tuple[dict, dict]:
     return {k: v for k, v in metrics.items() if v == v and np.isfinite(v)}, {}
 
 
-def guide_scores(model_dir: Path, data_dir: Path, split: str):
+def flag_sentences(bundle, data_dir: Path, names, max_reports: int = 20000) -> dict:
+    """The sentences of the first ``max_reports`` training reports that state each set of findings
+    (:func:`medfuse_core.evaluation.flag_agreement.mine_flag_sentences`), written as the LM writes
+    (its tokenizer's round trip)."""
+    from medfuse_core.evaluation.flag_agreement import mine_flag_sentences
+    from pipelines.shards import read_split_table
+
+    table = read_split_table(data_dir, "train", ["report"], limit=max_reports)
+    reports = table.column("report").to_pylist() if table is not None else []
+    tok = bundle.tokenizer
+
+    def style(sentence: str) -> str:
+        return tok.decode(tok(sentence, add_special_tokens=False)["input_ids"], skip_special_tokens=True).strip()
+
+    return mine_flag_sentences(reports, names, style=style, max_reports=max_reports)
+
+
+def guide_scores(bundle, data_dir: Path, split: str):
     """The guidance head's probabilities and the labels (positive 1, else 0) of a split's
-    labelled images, streamed through the driver a batch at a time."""
+    labelled images (of a loaded report bundle), streamed through the driver a batch at a time."""
     import numpy as np
     import torch
 
     from medfuse_core.data.batching import blobs_to_tensor
-    from medfuse_core.models.bundle import load_bundle
     from medfuse_core.models.report import guide_flags
     from medfuse_core.objectives.report_generation import guide_batch
     from pipelines.shards import read_split
 
-    bundle = load_bundle(model_dir)
     names = list(bundle.model.guide_labels)
     probs, labels = [], []
     ds = read_split(data_dir, split, ["image", "image_size", "labels", "labelled"], labelled_only=True)

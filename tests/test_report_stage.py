@@ -51,6 +51,9 @@ def test_train_report_logs_and_registers_a_report_model(trained):
     thresholds = meta["extra"]["guide_thresholds"]  # chosen on validate when training ended
     assert list(thresholds) == meta["model_config"]["guidance"]["labels"]
     assert all(0.0 <= t <= 1.0 or t == NEVER_FLAG for t in thresholds.values())
+    mined = meta["extra"]["flag_sentences"]  # the training reports' sentences per set of findings
+    assert set(mined) == {"findings", "impression"} and mined["findings"] and mined["impression"]
+    assert all(set(e["labels"]) <= set(thresholds) and e["text"] for s in mined.values() for e in s)
     client = mlflow.MlflowClient(facts["tracking_uri"], registry_uri=facts["tracking_uri"])
     run = client.get_run(facts["mlflow_run_id"])
     assert run.data.tags["medfuse.stage"] == "report" and "val/perplexity" in run.data.metrics
@@ -90,6 +93,14 @@ def test_generate_writes_one_row_per_test_image(trained, tiny_data, tmp_path):
     assert sorted(r["record_id"] for r in rows) == sorted(ids)
     assert all(has_findings_and_impression(r["report"]) for r in rows)
     assert not list(tmp_path.glob(".*partial"))
+    # the drafts made to state the head's flags: every row still has both sections
+    agreed = tmp_path / "agreed.csv"
+    assert main(["generate", "--model", str(workdir), "--data", str(tiny_data), "--split", "test",
+                 "--out", str(agreed), "decoding.flag_agreement=exact"]) == 0
+    with open(agreed, newline="") as fh:
+        agreed_rows = list(csv.DictReader(fh))
+    assert [r["record_id"] for r in agreed_rows] == [r["record_id"] for r in rows]
+    assert all(has_findings_and_impression(r["report"]) for r in agreed_rows)
 
 
 def test_evaluate_scores_drafts_and_logs_them(trained, tiny_data, tmp_path):

@@ -38,7 +38,8 @@ def draft_batch(bundle, images: torch.Tensor, contexts: Sequence[str] | None,
     trained with them (``use_context``), an empty string meaning none. A guided model flags
     findings at the bundle's thresholds, or reads ``flags`` (``[B, L]``) when given; with
     ``settings.candidates > 1`` it keeps, per image, the candidate that best agrees with those
-    flags (:func:`most_consistent`)."""
+    flags (:func:`most_consistent`), and with ``settings.flag_agreement`` the draft is made to
+    state them (:func:`medfuse_core.evaluation.flag_agreement.agree_with_flags`)."""
     from dataclasses import replace
 
     from medfuse_core.models.report import guide_flags
@@ -52,11 +53,16 @@ def draft_batch(bundle, images: torch.Tensor, contexts: Sequence[str] | None,
     if extra.get("use_context") and contexts is not None:
         ctx_ids, ctx_mask = encode_context(bundle.tokenizer, list(contexts), int(extra.get("max_context_tokens", 32)))
         ctx_ids, ctx_mask = ctx_ids.to(device), ctx_mask.to(device)
-    decoding = DecodingConfig(**settings.model_dump(exclude={"seed", "candidates"}))
+    decoding = DecodingConfig(**settings.model_dump(exclude={"seed", "candidates", "flag_agreement"}))
     n_cand = settings.candidates
     if n_cand > 1 and model.guide_head is None:
         raise ConfigError("decoding.candidates: reranking needs a guided report model (model.guidance.enabled=true "
                           "when it is trained); use decoding.candidates=1")
+    agreement = settings.flag_agreement
+    if agreement != "none" and (model.guide_head is None or not extra.get("flag_sentences")):
+        raise ConfigError("decoding.flag_agreement: this model keeps no sentences to state its flags with (a guided "
+                          "report model trained by this version of `medfuse train-report` does); "
+                          "use decoding.flag_agreement=none")
     torch.manual_seed(settings.seed)
     with torch.no_grad():
         if model.guide_head is not None and flags is None:
@@ -64,14 +70,22 @@ def draft_batch(bundle, images: torch.Tensor, contexts: Sequence[str] | None,
             _, flags = guide_flags(model, images, [cuts.get(n, 0.5) for n in model.guide_labels])
         drafts = draft_reports(model, images, bundle.tokenizer, decoding, ctx_ids, ctx_mask, flags=flags)
         if n_cand == 1:
-            return drafts
+            return _agree(drafts, flags, model.guide_labels, extra, agreement)
         # the other candidates in one sampled pass over the batch repeated n_cand - 1 times
         rep = (lambda t: None if t is None else t.repeat_interleave(n_cand - 1, dim=0))
         torch.manual_seed(settings.seed + 1)
         more = draft_reports(model, rep(images), bundle.tokenizer, replace(decoding, do_sample=True),
                              rep(ctx_ids), rep(ctx_mask), flags=rep(flags.to(device)))
     candidates = [[drafts[i], *more[i * (n_cand - 1):(i + 1) * (n_cand - 1)]] for i in range(len(drafts))]
-    return most_consistent(candidates, flags, model.guide_labels)
+    return _agree(most_consistent(candidates, flags, model.guide_labels), flags, model.guide_labels, extra, agreement)
+
+
+def _agree(drafts: list[str], flags, names, extra: dict, mode: str) -> list[str]:
+    if mode == "none" or flags is None:
+        return drafts
+    from medfuse_core.evaluation.flag_agreement import agree_with_flags
+
+    return agree_with_flags(drafts, flags, names, extra["flag_sentences"], mode)
 
 
 def most_consistent(candidates: Sequence[Sequence[str]], flags: torch.Tensor, names: Sequence[str]) -> list[str]:
