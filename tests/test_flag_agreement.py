@@ -67,6 +67,8 @@ def test_agreement_makes_drafts_state_their_flags():
     assert exact[0] == added[0]
     assert exact[1] == "FINDINGS: normal heart size.\nIMPRESSION: no acute cardiopulmonary process."
     assert exact[2] == "FINDINGS: pulmonary edema.\nIMPRESSION: pulmonary edema."
+    # a finding the head never flags is its LM's to state: exact leaves those sentences
+    assert agree_with_flags(drafts, flags, NAMES, mined, "exact", abstain=["Pneumothorax"])[2] == drafts[2]
     read = _stated(exact)[:, :3]
     assert (read == flags[:, :3]).all(), exact
     assert (_stated(added)[:, :3] >= flags[:, :3]).all()
@@ -102,6 +104,15 @@ def test_draft_batch_states_the_flags_it_was_given(tmp_path):
     bundle = SimpleNamespace(model=model, tokenizer=tokenizer, extra={"flag_sentences": mined}, image_size=32)
     drafts = draft_batch(bundle, images, None, DecodingSettings(max_new_tokens=8, flag_agreement="exact"), flags=flags)
     assert (_stated(drafts)[:, :4] == flags[:, :4].numpy()).all(), drafts
+    # the findings a model never flags (threshold NEVER_FLAG) are left as drafted
+    from medfuse_core.evaluation.metrics import NEVER_FLAG
+    from medfuse_core.evaluation.report_inference import state_flags
+
+    draft = ["FINDINGS: small right pneumothorax. pulmonary edema.\nIMPRESSION: pulmonary edema."]
+    only_edema = np.array([[False, False, True, False, False]])
+    silent = {"flag_sentences": mined, "guide_thresholds": {"Pneumothorax": NEVER_FLAG, "Edema": 0.4}}
+    assert state_flags(draft, only_edema, NAMES, silent, "exact") == draft
+    assert "pneumothorax" not in state_flags(draft, only_edema, NAMES, {"flag_sentences": mined}, "exact")[0]
     bundle.extra = {}   # a model trained before the sentences were kept
     with pytest.raises(ConfigError, match="decoding.flag_agreement"):
         draft_batch(bundle, images, None, DecodingSettings(max_new_tokens=8, flag_agreement="add"), flags=flags)

@@ -20,7 +20,7 @@ where it is.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Iterable, Sequence
+from typing import Collection, Iterable, Sequence
 
 import numpy as np
 
@@ -104,11 +104,12 @@ def _pick(entries: list[dict], missing: set, flagged: set) -> list[str]:
 
 
 def agree_with_flags(drafts: Sequence[str], flags, names: Sequence[str], sentences: dict[str, list[dict]],
-                     mode: str = "add") -> list[str]:
+                     mode: str = "add", abstain: Collection[str] = ()) -> list[str]:
     """``drafts`` (``FINDINGS: ...`` / ``IMPRESSION: ...``) made to state each flagged finding
     (``flags [B, L]`` over ``names``) with the mined ``sentences``; ``exact`` first removes the
-    sentences stating an unflagged finding. A finding no mined sentence states alone (or with other
-    flagged findings only) is left as the draft has it."""
+    sentences stating an unflagged finding, except those of the ``abstain`` findings (the ones the
+    head never flags: it has no opinion on them). A finding no mined sentence states alone (or with
+    other flagged findings only) is left as the draft has it."""
     from medfuse_core.data.reports import extract_sections
     from medfuse_core.models.report import FINDINGS_HEADER, IMPRESSION_HEADER
 
@@ -131,7 +132,7 @@ def agree_with_flags(drafts: Sequence[str], flags, names: Sequence[str], sentenc
             positive = [set(x or ()) & scope for x in _stated(labels)]
             denied[s] = [{CHEXPERT_LABELS[j] for j in np.flatnonzero(r == NEGATIVE)} for r in labels]
             if mode == "exact":
-                keep = [not (p - flagged) for p in positive]
+                keep = [not (p - flagged - set(abstain)) for p in positive]
                 parts[s], positive, denied[s] = ([x for x, k in zip(xs, keep) if k]
                                                  for xs in (parts[s], positive, denied[s]))
             stated[s] = set().union(*positive)

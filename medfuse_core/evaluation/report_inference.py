@@ -70,22 +70,27 @@ def draft_batch(bundle, images: torch.Tensor, contexts: Sequence[str] | None,
             _, flags = guide_flags(model, images, [cuts.get(n, 0.5) for n in model.guide_labels])
         drafts = draft_reports(model, images, bundle.tokenizer, decoding, ctx_ids, ctx_mask, flags=flags)
         if n_cand == 1:
-            return _agree(drafts, flags, model.guide_labels, extra, agreement)
+            return state_flags(drafts, flags, model.guide_labels, extra, agreement)
         # the other candidates in one sampled pass over the batch repeated n_cand - 1 times
         rep = (lambda t: None if t is None else t.repeat_interleave(n_cand - 1, dim=0))
         torch.manual_seed(settings.seed + 1)
         more = draft_reports(model, rep(images), bundle.tokenizer, replace(decoding, do_sample=True),
                              rep(ctx_ids), rep(ctx_mask), flags=rep(flags.to(device)))
     candidates = [[drafts[i], *more[i * (n_cand - 1):(i + 1) * (n_cand - 1)]] for i in range(len(drafts))]
-    return _agree(most_consistent(candidates, flags, model.guide_labels), flags, model.guide_labels, extra, agreement)
+    chosen = most_consistent(candidates, flags, model.guide_labels)
+    return state_flags(chosen, flags, model.guide_labels, extra, agreement)
 
 
-def _agree(drafts: list[str], flags, names, extra: dict, mode: str) -> list[str]:
+def state_flags(drafts: list[str], flags, names, extra: dict, mode: str) -> list[str]:
+    """``decoding.flag_agreement`` on drafts of a guided bundle (its ``extra``: mined sentences and
+    thresholds): the findings it never flags are left as drafted."""
     if mode == "none" or flags is None:
         return drafts
     from medfuse_core.evaluation.flag_agreement import agree_with_flags
+    from medfuse_core.evaluation.metrics import NEVER_FLAG
 
-    return agree_with_flags(drafts, flags, names, extra["flag_sentences"], mode)
+    silent = [n for n, t in (extra.get("guide_thresholds") or {}).items() if t >= NEVER_FLAG]
+    return agree_with_flags(drafts, flags, names, extra["flag_sentences"], mode, abstain=silent)
 
 
 def most_consistent(candidates: Sequence[Sequence[str]], flags: torch.Tensor, names: Sequence[str]) -> list[str]:
