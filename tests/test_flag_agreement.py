@@ -73,6 +73,9 @@ def test_agreement_makes_drafts_state_their_flags():
     assert (read == flags[:, :3]).all(), exact
     assert (_stated(added)[:, :3] >= flags[:, :3]).all()
     assert all("FINDINGS:" in d and "\nIMPRESSION:" in d for d in added + exact)
+    empty = ["FINDINGS: Not stated.\nIMPRESSION: no acute process."]   # a section the LM left empty
+    assert agree_with_flags(empty, flags[:1] & [False, True, False, False, False], NAMES, mined, "add") == [
+        "FINDINGS: small right pneumothorax.\nIMPRESSION: small right pneumothorax."]
     # a finding no mined sentence states is left as the draft has it
     lone = np.array([[True, False, False, False, False]])
     assert agree_with_flags(drafts[:1], lone, NAMES, mined, "add") == drafts[:1]

@@ -111,7 +111,7 @@ def agree_with_flags(drafts: Sequence[str], flags, names: Sequence[str], sentenc
     head never flags: it has no opinion on them). A finding no mined sentence states alone (or with
     other flagged findings only) is left as the draft has it."""
     from medfuse_core.data.reports import extract_sections
-    from medfuse_core.models.report import FINDINGS_HEADER, IMPRESSION_HEADER
+    from medfuse_core.models.report import EMPTY_SECTION, FINDINGS_HEADER, IMPRESSION_HEADER
 
     if mode not in MODES:
         raise ValueError(f"flag agreement mode {mode!r}: one of {', '.join(MODES)}")
@@ -124,7 +124,7 @@ def agree_with_flags(drafts: Sequence[str], flags, names: Sequence[str], sentenc
     for draft, row in zip(drafts, wanted):
         flagged = {n for n, f in zip(names, row) if f} & scope
         found = extract_sections(draft)
-        parts = {s: _sentences(found.get(s, "")) for s in SECTIONS}
+        parts = {s: [t for t in _sentences(found.get(s, "")) if t != EMPTY_SECTION] for s in SECTIONS}
         stated: dict[str, set] = {}
         denied: dict[str, list] = {}
         for s in SECTIONS:
@@ -146,6 +146,6 @@ def agree_with_flags(drafts: Sequence[str], flags, names: Sequence[str], sentenc
         for s in SECTIONS:   # a section emptied by the removals reads normal when nothing is flagged
             if not parts[s] and not flagged:
                 parts[s] = [normal[s]]
-        text = {s: " ".join(t for t in parts[s] if t) or "Not stated." for s in SECTIONS}
+        text = {s: " ".join(t for t in parts[s] if t) or EMPTY_SECTION for s in SECTIONS}
         out.append(f"{FINDINGS_HEADER} {text['findings']}\n{IMPRESSION_HEADER} {text['impression']}")
     return out

@@ -195,6 +195,7 @@ def pack(embeds: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, pad_lef
 
 FINDINGS_HEADER = "FINDINGS:"
 IMPRESSION_HEADER = "IMPRESSION:"
+EMPTY_SECTION = "Not stated."  # a section the LM left empty
 
 
 def report_target(sections: dict, names=("findings", "impression")) -> str:
@@ -284,7 +285,7 @@ def draft_reports(model: ReportGenerator, images: torch.Tensor, tokenizer, decod
                               ids, mask, sub(guide_ids), sub(guide_mask))
         for k, text in zip(todo, more):
             impressions[k] = split.split(text, maxsplit=1)[0].strip()
-    return [f"{FINDINGS_HEADER} {f or 'Not stated.'}\n{IMPRESSION_HEADER} {i or 'Not stated.'}"
+    return [f"{FINDINGS_HEADER} {f or EMPTY_SECTION}\n{IMPRESSION_HEADER} {i or EMPTY_SECTION}"
             for f, i in zip(findings, impressions)]
 
 
