@@ -9,7 +9,7 @@ rule labeler, BLEU-4, ROUGE-L) with macro F1 over the drawn findings first, plus
 findings (read back by the labeler) equal its flags, and identifier leaks against ``--corpus``.
 
     python benchmarks/flag_agreement.py --model W --data SHARDS --split validate --out J [--reference-flags] \
-        [--corpus CORPUS_ROOT ...] [decoding.KEY=VALUE ...]
+        [--corpus CORPUS_ROOT ...] [--reuse] [decoding.KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ def main() -> int:
     p.add_argument("--corpus", type=Path, action="append", default=[], help="corpus roots whose identifiers "
                    "no draft may hold (the training corpus's, the scored one's)")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--reuse", action="store_true", help="apply the modes to the drafts an earlier run of the same "
+                   "--out saved (after a change to the agreement step), without drafting again")
     p.add_argument("overrides", nargs="*", help="decoding.KEY=VALUE")
     args = p.parse_args()
 
@@ -66,9 +68,14 @@ def main() -> int:
     extra = {**bundle.extra, "guide_thresholds": {}} if args.reference_flags else bundle.extra
     settings = decoding_settings(bundle, [*args.overrides, "decoding.flag_agreement=none"])
     refs = references(args.data, args.split, with_ids=True)
+    saved = args.out.with_name(f"{args.out.stem}_drafts.json")   # the drafting pass, for --reuse
     ids, drafts, flags, truth = [], [], [], []
     t0 = time.time()
-    for rid, images, contexts, positives in _labelled_batches(args.data, args.split, bundle):
+    if args.reuse and saved.exists():
+        keep_ = json.loads(saved.read_text())
+        ids, drafts = keep_["ids"], keep_["drafts"]
+        flags, truth = [np.asarray(keep_["flags"], dtype=bool)], [np.asarray(keep_["truth"], dtype=bool)]
+    for rid, images, contexts, positives in ([] if ids else _labelled_batches(args.data, args.split, bundle)):
         if args.reference_flags:
             f = torch.from_numpy(positives)
         else:
@@ -80,6 +87,9 @@ def main() -> int:
         ids += rid
         print(f"[flag-agreement] {len(ids)} images drafted ({time.time() - t0:.0f} s)", flush=True)
     flags = np.concatenate(flags)
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps({"ids": ids, "drafts": drafts, "flags": flags.tolist(),
+                                 "truth": np.concatenate(truth).tolist()}))
     # the flags themselves against the study labels: what a draft stating exactly its flags would score
     head = multilabel_metrics(flags.astype(np.float64), np.concatenate(truth).astype(np.float64), names)
     keep = [k for k, r in enumerate(ids) if refs.get(r, "").strip()]

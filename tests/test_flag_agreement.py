@@ -16,7 +16,7 @@ NORMAL = "FINDINGS: The lungs are clear. No pleural effusion. IMPRESSION: No acu
 DEVICES = "FINDINGS: ET tube tip 4 cm from the carina. Lungs are clear. IMPRESSION: Lines and tubes as above."
 REPORTS = (
     [NORMAL] * 4
-    + [DEVICES] * 6   # "lines and tubes as above" reads as no finding, but never in a normal report
+    + [DEVICES] * 6   # "lungs are clear" is said here too, but normal sentences come from normal reports
     + ["FINDINGS: Small right pneumothorax. IMPRESSION: Small right pneumothorax."] * 3
     + ["FINDINGS: Possible small effusion. IMPRESSION: Possible small effusion."] * 5   # hedged: never kept
     + ["FINDINGS: Large left pleural effusion. IMPRESSION: Left effusion."] * 2         # too rare: never kept
@@ -32,26 +32,29 @@ def _stated(drafts, names=NAMES):
 
 def test_mining_keeps_common_unhedged_sentences_per_set_of_findings():
     mined = mine_flag_sentences(REPORTS, NAMES, style=str.lower)
-    findings = {tuple(e["labels"]): e["text"] for e in mined["findings"]}
-    impression = {tuple(e["labels"]): e["text"] for e in mined["impression"]}
+    findings = {tuple(e["labels"]): e["text"] for e in mined["findings"] if e["labels"]}
+    impression = {tuple(e["labels"]): e["text"] for e in mined["impression"] if e["labels"]}
     assert findings[("Pneumothorax",)] == "small right pneumothorax."
     assert findings[("Edema", "Pleural Effusion")] == "pulmonary edema and bilateral pleural effusions."
     assert findings[("Support Devices",)] == "et tube tip 4 cm from the carina."
     assert ("Pleural Effusion",) not in findings and ("Pleural Effusion",) not in impression   # hedged or rare
-    assert findings[()] == "no pleural effusion." and impression[()] == "no acute cardiopulmonary process."
+    # every common way of saying "normal", from normal reports only
+    assert [e["text"] for e in mined["findings"] if not e["labels"]] == ["no pleural effusion.", "the lungs are clear."]
+    assert [e["text"] for e in mined["impression"] if not e["labels"]] == ["no acute cardiopulmonary process."]
     assert impression[("Edema", "Pleural Effusion")] == "edema and effusions."
     # nothing said by fewer than min_reports reports is kept
     assert mine_flag_sentences(REPORTS, NAMES, min_reports=7) == {"findings": [], "impression": []}
     assert mine_flag_sentences(REPORTS, NAMES, min_reports=6) == {
-        "findings": [{"labels": ["Support Devices"], "text": "ET tube tip 4 cm from the carina."}], "impression": []}
+        "findings": [{"labels": ["Support Devices"], "text": "ET tube tip 4 cm from the carina."}],
+        "impression": [{"labels": ["Support Devices"], "text": "Lines and tubes as above."}]}
     # bounded: only the first max_reports reports are read (here the normal ones)
     assert mine_flag_sentences(REPORTS, NAMES, max_reports=4)["findings"] == [
-        {"labels": [], "text": "No pleural effusion."}]
+        {"labels": [], "text": "No pleural effusion."}, {"labels": [], "text": "The lungs are clear."}]
 
 
 def test_agreement_makes_drafts_state_their_flags():
     mined = mine_flag_sentences(REPORTS, NAMES, style=str.lower)
-    drafts = ["FINDINGS: normal heart size. no pneumothorax.\nIMPRESSION: no acute intrathoracic abnormality.",
+    drafts = ["FINDINGS: normal heart size. no pneumothorax.\nIMPRESSION: no acute cardiopulmonary process.",
               "FINDINGS: small right pneumothorax. normal heart size.\nIMPRESSION: small right pneumothorax.",
               "FINDINGS: small right pneumothorax. pulmonary edema.\nIMPRESSION: pulmonary edema."]
     flags = np.array([[True, True, True, False, False],     # all three left out, the pneumothorax denied
@@ -61,7 +64,11 @@ def test_agreement_makes_drafts_state_their_flags():
     added = agree_with_flags(drafts, flags, NAMES, mined, "add")
     assert added[0] == ("FINDINGS: normal heart size. pulmonary edema and bilateral pleural effusions. "
                         "small right pneumothorax.\nIMPRESSION: edema and effusions. small right pneumothorax.")
-    assert "no pneumothorax" not in added[0] and "no acute" not in added[0]   # denial and normal impression gone
+    # a sentence said twice is kept once; an impression that is not a normal statement stays
+    twice = ["FINDINGS: normal heart size. normal heart size.\nIMPRESSION: lines and tubes as above."]
+    assert agree_with_flags(twice, flags[:1] & [False, True, False, False, False], NAMES, mined, "add") == [
+        "FINDINGS: normal heart size. small right pneumothorax.\n"
+        "IMPRESSION: lines and tubes as above. small right pneumothorax."]
     assert added[1:] == drafts[1:]   # nothing flagged is missing: left as drafted
     exact = agree_with_flags(drafts, flags, NAMES, mined, "exact")
     assert exact[0] == added[0]
@@ -73,7 +80,7 @@ def test_agreement_makes_drafts_state_their_flags():
     assert (read == flags[:, :3]).all(), exact
     assert (_stated(added)[:, :3] >= flags[:, :3]).all()
     assert all("FINDINGS:" in d and "\nIMPRESSION:" in d for d in added + exact)
-    empty = ["FINDINGS: Not stated.\nIMPRESSION: no acute process."]   # a section the LM left empty
+    empty = ["FINDINGS: Not stated.\nIMPRESSION: no acute cardiopulmonary process."]   # a section the LM left empty
     assert agree_with_flags(empty, flags[:1] & [False, True, False, False, False], NAMES, mined, "add") == [
         "FINDINGS: small right pneumothorax.\nIMPRESSION: small right pneumothorax."]
     # a finding no mined sentence states is left as the draft has it

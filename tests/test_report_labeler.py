@@ -26,6 +26,8 @@ CASES = [
     ("Right internal jugular catheter terminates in the SVC. Endotracheal tube 4 cm above the carina.",
      {"Support Devices": P}),
     ("The endotracheal tube has been removed.", {"Support Devices": N}),
+    ("Lines and tubes as described.", {"Support Devices": P}),   # medfuse synth's impression phrase
+    ("Tubes and lines are in standard position.", {"Support Devices": P}),
     ("A 1.5 cm nodule in the right upper lobe.", {"Lung Lesion": P}),
     ("Healed left rib fractures.", {"Fracture": P}),
     ("Findings suggestive of early congestive heart failure.", {"Edema": U}),

@@ -5,8 +5,11 @@ candidate agreeing most with them, yet a draft can still leave a flagged finding
 head did not flag. With ``decoding.flag_agreement``:
 
 * ``add``: each flagged finding that no sentence of the draft states positively gets a sentence, in
-  FINDINGS and in IMPRESSION (a normal IMPRESSION is replaced, a sentence denying it removed);
+  FINDINGS and in IMPRESSION (where it replaces the normal sentences, "no acute process"), and a
+  sentence denying it is removed;
 * ``exact``: the same, and sentences stating an unflagged finding positively are removed first.
+
+Both keep a sentence that a section repeats once.
 
 The sentences are the training reports' own (the template-completion idea of classifier-guided
 report writing): per set of findings, the commonest sentence of each section that the rule labeler
@@ -56,9 +59,10 @@ def mine_flag_sentences(reports: Iterable[str], names: Sequence[str], style=lamb
     """``{section: [{"labels": [...], "text": sentence}, ...]}``, commonest first: per set of labels
     out of ``names`` that a sentence of the section states positively (and nothing else, no hedge),
     the commonest such sentence among the first ``max_reports`` reports, kept when at least
-    ``min_reports`` reports hold it. The empty set (a normal sentence) is taken from reports stating
-    no finding and no device. ``style`` maps a sentence to the LM's writing (e.g. lower case); memory
-    is bounded by ``max_reports``."""
+    ``min_reports`` reports hold it. Normal sentences (the empty set) are taken from reports stating
+    no finding and no device, every one that is common enough: they are the archive's ways of
+    saying "normal". ``style`` maps a sentence to the LM's writing (e.g. lower case); memory is
+    bounded by ``max_reports``."""
     from medfuse_core.data.reports import extract_sections
 
     wanted = set(names) - {NORMAL}
@@ -84,7 +88,7 @@ def mine_flag_sentences(reports: Iterable[str], names: Sequence[str], style=lamb
     for s, counter in counts.items():
         seen = set()
         for (labels, sentence), n in sorted(counter.items(), key=lambda kv: (-kv[1], kv[0])):
-            if n >= min_reports and labels not in seen:
+            if n >= min_reports and (labels not in seen or not labels):
                 seen.add(labels)
                 out[s].append({"labels": list(labels), "text": sentence})
     return out
@@ -119,12 +123,13 @@ def agree_with_flags(drafts: Sequence[str], flags, names: Sequence[str], sentenc
         return list(drafts)
     wanted = np.asarray(flags.cpu() if hasattr(flags, "cpu") else flags, dtype=bool)
     scope = set(names) - {NORMAL}
-    normal = {s: next((e["text"] for e in sentences.get(s, []) if not e["labels"]), "") for s in SECTIONS}
+    normals = {s: [e["text"] for e in sentences.get(s, []) if not e["labels"]] for s in SECTIONS}
     out = []
     for draft, row in zip(drafts, wanted):
         flagged = {n for n, f in zip(names, row) if f} & scope
         found = extract_sections(draft)
-        parts = {s: [t for t in _sentences(found.get(s, "")) if t != EMPTY_SECTION] for s in SECTIONS}
+        parts = {s: list(dict.fromkeys(t for t in _sentences(found.get(s, "")) if t != EMPTY_SECTION))
+                 for s in SECTIONS}   # a sentence repeated inside a section is kept once
         stated: dict[str, set] = {}
         denied: dict[str, list] = {}
         for s in SECTIONS:
@@ -142,10 +147,10 @@ def agree_with_flags(drafts: Sequence[str], flags, names: Sequence[str], sentenc
         parts["findings"] += _pick(sentences.get("findings", []), set(missing), flagged)
         added = _pick(sentences.get("impression", []), set(missing), flagged)
         if added:   # a normal impression ("no acute process") would contradict the added findings
-            parts["impression"] = (parts["impression"] if stated["impression"] else []) + added
+            parts["impression"] = [t for t in parts["impression"] if t not in normals["impression"]] + added
         for s in SECTIONS:   # a section emptied by the removals reads normal when nothing is flagged
             if not parts[s] and not flagged:
-                parts[s] = [normal[s]]
+                parts[s] = normals[s][:1]
         text = {s: " ".join(t for t in parts[s] if t) or EMPTY_SECTION for s in SECTIONS}
         out.append(f"{FINDINGS_HEADER} {text['findings']}\n{IMPRESSION_HEADER} {text['impression']}")
     return out

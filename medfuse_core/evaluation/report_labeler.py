@@ -50,7 +50,8 @@ MENTIONS: dict[str, tuple[str, ...]] = {
     "Support Devices": (r"(?:endotracheal|et|enteric|nasogastric|ng|og|chest|feeding|tracheostomy) tubes?",
                         r"catheters?", r"picc(?: line)?", r"central (?:venous )?line", r"pacemaker\w*",
                         r"pacer", r"(?:sternotomy )?wires", r"stents?", r"port-a-cath", r"\bports?\b",
-                        r"defibrillator", r"\bicd\b", r"drains?", r"swan[- ]ganz", r"support devices?"),
+                        r"defibrillator", r"\bicd\b", r"drains?", r"swan[- ]ganz", r"support devices?",
+                        r"lines? and tubes?", r"tubes? and lines?"),
 }
 
 # cues (lower case); a pre-cue acts on mentions after it in its clause, a post-cue on mentions before it
