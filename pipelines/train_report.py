@@ -89,20 +89,21 @@ def finalize(model_dir: Path, data_dir: Path) -> tuple[dict, dict]:
 
 
 def flag_sentences(bundle, data_dir: Path, names, max_reports: int = 20000) -> dict:
-    """The sentences of the first ``max_reports`` training reports that state each set of findings
-    (:func:`medfuse_core.evaluation.flag_agreement.mine_flag_sentences`), written as the LM writes
-    (its tokenizer's round trip)."""
+    """The sentences of the first ``max_reports`` training rows' reports that state each set of
+    findings, counted by patient (:func:`medfuse_core.evaluation.flag_agreement.mine_flag_sentences`),
+    written as the LM writes (its tokenizer's round trip)."""
     from medfuse_core.evaluation.flag_agreement import mine_flag_sentences
     from pipelines.shards import read_split_table
 
-    table = read_split_table(data_dir, "train", ["report"], limit=max_reports)
+    table = read_split_table(data_dir, "train", ["report", "patient_id"], limit=max_reports)
     reports = table.column("report").to_pylist() if table is not None else []
+    patients = table.column("patient_id").to_pylist() if table is not None else []
     tok = bundle.tokenizer
 
     def style(sentence: str) -> str:
         return tok.decode(tok(sentence, add_special_tokens=False)["input_ids"], skip_special_tokens=True).strip()
 
-    return mine_flag_sentences(reports, names, style=style, max_reports=max_reports)
+    return mine_flag_sentences(reports, names, patients, style=style, max_reports=max_reports)
 
 
 def guide_scores(bundle, data_dir: Path, split: str):

@@ -42,9 +42,13 @@ def test_mining_keeps_common_unhedged_sentences_per_set_of_findings():
     assert [e["text"] for e in mined["findings"] if not e["labels"]] == ["no pleural effusion.", "the lungs are clear."]
     assert [e["text"] for e in mined["impression"] if not e["labels"]] == ["no acute cardiopulmonary process."]
     assert impression[("Edema", "Pleural Effusion")] == "edema and effusions."
-    # nothing said by fewer than min_reports reports is kept
-    assert mine_flag_sentences(REPORTS, NAMES, min_reports=7) == {"findings": [], "impression": []}
-    assert mine_flag_sentences(REPORTS, NAMES, min_reports=6) == {
+    # nothing said by fewer than min_patients patients is kept; one patient's reports count once
+    patients = [f"p{k}" for k in range(len(REPORTS))]
+    patients[10:13] = ["p10"] * 3   # the three pneumothorax reports are one patient's
+    one_patient = mine_flag_sentences(REPORTS, NAMES, patients)
+    assert ("Pneumothorax",) not in {tuple(e["labels"]) for e in one_patient["findings"]}
+    assert mine_flag_sentences(REPORTS, NAMES, min_patients=7) == {"findings": [], "impression": []}
+    assert mine_flag_sentences(REPORTS, NAMES, min_patients=6) == {
         "findings": [{"labels": ["Support Devices"], "text": "ET tube tip 4 cm from the carina."}],
         "impression": [{"labels": ["Support Devices"], "text": "Lines and tubes as above."}]}
     # bounded: only the first max_reports reports are read (here the normal ones)

@@ -14,15 +14,16 @@ Both keep a sentence that a section repeats once.
 The sentences are the training reports' own (the template-completion idea of classifier-guided
 report writing): per set of findings, the commonest sentence of each section that the rule labeler
 reads as stating exactly those findings, without a hedge, mined once when training ends
-(:func:`mine_flag_sentences`) and kept in the model bundle. A sentence must occur in at least
-``min_reports`` different reports, so no sentence particular to one patient is ever kept. The
+(:func:`mine_flag_sentences`) and kept in the model bundle. A sentence must occur in the reports of at
+least ``min_patients`` different patients, so no sentence particular to one patient is ever kept. The
 sentence keeps the training reports' wording, side and size included: the head flags a finding, not
 where it is.
 """
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import defaultdict
+from itertools import count
 from typing import Collection, Iterable, Sequence
 
 import numpy as np
@@ -54,20 +55,21 @@ def _stated(labels: np.ndarray) -> list[frozenset | None]:
     return out
 
 
-def mine_flag_sentences(reports: Iterable[str], names: Sequence[str], style=lambda s: s, min_reports: int = 3,
-                        max_reports: int = 20000) -> dict[str, list[dict]]:
+def mine_flag_sentences(reports: Iterable[str], names: Sequence[str], patients: Iterable[str] | None = None,
+                        style=lambda s: s, min_patients: int = 3, max_reports: int = 20000) -> dict[str, list[dict]]:
     """``{section: [{"labels": [...], "text": sentence}, ...]}``, commonest first: per set of labels
     out of ``names`` that a sentence of the section states positively (and nothing else, no hedge),
-    the commonest such sentence among the first ``max_reports`` reports, kept when at least
-    ``min_reports`` reports hold it. Normal sentences (the empty set) are taken from reports stating
+    the commonest such sentence among the first ``max_reports`` reports, kept when the reports of at
+    least ``min_patients`` patients hold it (``patients``, parallel to ``reports``; without them each
+    report counts as its own patient). Normal sentences (the empty set) are taken from reports stating
     no finding and no device, every one that is common enough: they are the archive's ways of
     saying "normal". ``style`` maps a sentence to the LM's writing (e.g. lower case); memory is
     bounded by ``max_reports``."""
     from medfuse_core.data.reports import extract_sections
 
     wanted = set(names) - {NORMAL}
-    counts = {s: Counter() for s in SECTIONS}
-    for k, report in enumerate(reports):
+    counts: dict[str, dict] = {s: defaultdict(set) for s in SECTIONS}   # (labels, sentence) -> patients
+    for k, (report, patient) in enumerate(zip(reports, patients if patients is not None else count())):
         if k >= max_reports:
             break
         found = extract_sections(report or "")
@@ -83,12 +85,12 @@ def mine_flag_sentences(reports: Iterable[str], names: Sequence[str], style=lamb
                 labels, i = stated[i], i + 1
                 if labels is None or not labels <= wanted or (not labels and not normal_report):
                     continue
-                counts[s][(tuple(sorted(labels)), sentence)] += 1
+                counts[s][(tuple(sorted(labels)), sentence)].add(patient)
     out: dict[str, list[dict]] = {s: [] for s in SECTIONS}
-    for s, counter in counts.items():
+    for s, held in counts.items():
         seen = set()
-        for (labels, sentence), n in sorted(counter.items(), key=lambda kv: (-kv[1], kv[0])):
-            if n >= min_reports and (labels not in seen or not labels):
+        for (labels, sentence), who in sorted(held.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+            if len(who) >= min_patients and (labels not in seen or not labels):
                 seen.add(labels)
                 out[s].append({"labels": list(labels), "text": sentence})
     return out
