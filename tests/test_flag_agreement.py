@@ -101,7 +101,7 @@ def test_draft_batch_states_the_flags_it_was_given(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from medfuse_core.config import ConfigError, DecodingSettings, ReportConfig, VisionConfig
-    from medfuse_core.evaluation.report_inference import draft_batch
+    from medfuse_core.evaluation.report_inference import decoding_settings, draft_batch
     from medfuse_core.models.report import ReportGenerator
     from medfuse_core.models.tiny_lm import save_tiny_causal_lm
     from medfuse_core.models.vision import build_vision_encoder
@@ -130,5 +130,8 @@ def test_draft_batch_states_the_flags_it_was_given(tmp_path):
     bundle.extra = {}   # a model trained before the sentences were kept
     with pytest.raises(ConfigError, match="decoding.flag_agreement"):
         draft_batch(bundle, images, None, DecodingSettings(max_new_tokens=8, flag_agreement="add"), flags=flags)
+    with pytest.raises(ConfigError, match="decoding.flag_agreement"):   # the CLI's check, before any work
+        decoding_settings(bundle, ["decoding.flag_agreement=exact"])
+    assert decoding_settings(bundle, ["decoding.flag_agreement=none"]).flag_agreement == "none"
     with pytest.raises(ValueError, match="decoding.flag_agreement"):
         ReportConfig.model_validate({"model": {"guidance": {"enabled": False}}, "decoding": {"flag_agreement": "add"}})

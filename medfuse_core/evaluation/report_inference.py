@@ -25,11 +25,22 @@ def decoding_settings(bundle, overrides: Sequence[str] = ()) -> DecodingSettings
                           "(e.g. decoding.num_beams=3)")
     raw = apply_overrides(raw, list(overrides))
     try:
-        return DecodingSettings.model_validate(raw["decoding"])
+        settings = DecodingSettings.model_validate(raw["decoding"])
     except ValidationError as err:
         first = err.errors()[0]
         key = "decoding." + ".".join(str(p) for p in first["loc"])
         raise ConfigError(f"{key}: {first['msg']}") from None
+    check_flag_agreement(bundle, settings)
+    return settings
+
+
+def check_flag_agreement(bundle, settings: DecodingSettings) -> None:
+    """A ``ConfigError`` when ``decoding.flag_agreement`` asks for sentences the bundle does not keep."""
+    if settings.flag_agreement != "none" and (getattr(bundle.model, "guide_head", None) is None
+                                              or not (bundle.extra or {}).get("flag_sentences")):
+        raise ConfigError("decoding.flag_agreement: this model keeps no sentences to state its flags with (a guided "
+                          "report model trained by this version of `medfuse train-report` does); "
+                          "use decoding.flag_agreement=none")
 
 
 def draft_batch(bundle, images: torch.Tensor, contexts: Sequence[str] | None,
@@ -59,10 +70,7 @@ def draft_batch(bundle, images: torch.Tensor, contexts: Sequence[str] | None,
         raise ConfigError("decoding.candidates: reranking needs a guided report model (model.guidance.enabled=true "
                           "when it is trained); use decoding.candidates=1")
     agreement = settings.flag_agreement
-    if agreement != "none" and (model.guide_head is None or not extra.get("flag_sentences")):
-        raise ConfigError("decoding.flag_agreement: this model keeps no sentences to state its flags with (a guided "
-                          "report model trained by this version of `medfuse train-report` does); "
-                          "use decoding.flag_agreement=none")
+    check_flag_agreement(bundle, settings)
     torch.manual_seed(settings.seed)
     with torch.no_grad():
         if model.guide_head is not None and flags is None:
