@@ -200,5 +200,9 @@ def test_report_experiments_validate_and_name_bad_keys():
         load_config(exp / "report_cxr_cpu.yaml", ["objective.name=bce"], schema=ReportConfig)
     with pytest.raises(ConfigError, match="decoding.candidates"):  # reranking reads a guided model's flags
         load_config(exp / "report_cxr_cpu.yaml", ["model.guidance.enabled=false"], schema=ReportConfig)
-    assert load_config(exp / "report_cxr_cpu.yaml", ["model.guidance.enabled=false", "decoding.candidates=1"],
-                       schema=ReportConfig).decoding.candidates == 1
+    with pytest.raises(ConfigError, match="decoding.flag_agreement"):  # so does stating the flags
+        load_config(exp / "report_cxr_cpu.yaml", ["model.guidance.enabled=false", "decoding.candidates=1"],
+                    schema=ReportConfig)
+    unguided = load_config(exp / "report_cxr_cpu.yaml", ["model.guidance.enabled=false", "decoding.candidates=1",
+                                                         "decoding.flag_agreement=none"], schema=ReportConfig)
+    assert unguided.decoding.candidates == 1 and unguided.decoding.flag_agreement == "none"
