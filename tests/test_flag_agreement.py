@@ -87,6 +87,9 @@ def test_agreement_makes_drafts_state_their_flags():
     empty = ["FINDINGS: Not stated.\nIMPRESSION: no acute cardiopulmonary process."]   # a section the LM left empty
     assert agree_with_flags(empty, flags[:1] & [False, True, False, False, False], NAMES, mined, "add") == [
         "FINDINGS: small right pneumothorax.\nIMPRESSION: small right pneumothorax."]
+    cut = ["FINDINGS: normal heart size. moderate left pleural eff\nIMPRESSION: no acute cardiopulmonary process."]
+    assert agree_with_flags(cut, flags[:1] & [False, True, False, False, False], NAMES, mined, "add") == [
+        "FINDINGS: normal heart size. small right pneumothorax.\nIMPRESSION: small right pneumothorax."]
     # a finding no mined sentence states is left as the draft has it
     lone = np.array([[True, False, False, False, False]])
     assert agree_with_flags(drafts[:1], lone, NAMES, mined, "add") == drafts[:1]

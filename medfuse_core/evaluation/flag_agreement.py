@@ -146,10 +146,14 @@ def agree_with_flags(drafts: Sequence[str], flags, names: Sequence[str], sentenc
         missing = flagged - stated["findings"] - stated["impression"]
         for s in SECTIONS:   # "no pneumothorax" goes where a pneumothorax is added
             parts[s] = [t for t, d in zip(parts[s], denied[s]) if not d & missing]
-        parts["findings"] += _pick(sentences.get("findings", []), set(missing), flagged)
-        added = _pick(sentences.get("impression", []), set(missing), flagged)
-        if added:   # a normal impression ("no acute process") would contradict the added findings
-            parts["impression"] = [t for t in parts["impression"] if t not in normals["impression"]] + added
+        added = {s: _pick(sentences.get(s, []), set(missing), flagged) for s in SECTIONS}
+        for s in SECTIONS:   # a fragment cut by the token budget would run into the added sentence
+            if added[s] and parts[s] and parts[s][-1][-1] not in ".!?":
+                parts[s] = parts[s][:-1]
+        parts["findings"] += added["findings"]
+        if added["impression"]:   # a normal impression ("no acute process") would contradict the added findings
+            kept = [t for t in parts["impression"] if t not in normals["impression"]]
+            parts["impression"] = kept + added["impression"]
         for s in SECTIONS:   # a section emptied by the removals reads normal when nothing is flagged
             if not parts[s] and not flagged:
                 parts[s] = normals[s][:1]
