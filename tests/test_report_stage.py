@@ -99,7 +99,7 @@ def test_generate_writes_one_row_per_test_image(trained, tiny_data, tmp_path):
                  "--out", str(agreed), "decoding.flag_agreement=exact"]) == 0
     with open(agreed, newline="") as fh:
         agreed_rows = list(csv.DictReader(fh))
-    assert [r["record_id"] for r in agreed_rows] == [r["record_id"] for r in rows]
+    assert sorted(r["record_id"] for r in agreed_rows) == sorted(ids)   # rows come in Ray Data's order
     assert all(has_findings_and_impression(r["report"]) for r in agreed_rows)
 
 
