@@ -25,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from report_quality import DRAWN, _labelled_batches, corpus_identifiers, drawn_macro_f1, references  # noqa: E402
+from report_quality import _labelled_batches, corpus_identifiers, drawn_macro_f1, flag_scores, references  # noqa: E402
 
 MODES = ("none", "add", "exact")
 
@@ -49,7 +49,6 @@ def main() -> int:
 
     from medfuse_core.data.labels import CHEXPERT_LABELS
     from medfuse_core.evaluation.report_inference import decoding_settings, draft_batch, state_flags
-    from medfuse_core.evaluation.metrics import multilabel_metrics
     from medfuse_core.evaluation.report_labeler import rule_labeler
     from medfuse_core.evaluation.report_metrics import leaked_identifiers
     from medfuse_core.models.bundle import load_bundle
@@ -91,7 +90,7 @@ def main() -> int:
     saved.write_text(json.dumps({"ids": ids, "drafts": drafts, "flags": flags.tolist(),
                                  "truth": np.concatenate(truth).tolist()}))
     # the flags themselves against the study labels: what a draft stating exactly its flags would score
-    head = multilabel_metrics(flags.astype(np.float64), np.concatenate(truth).astype(np.float64), names)
+    head = flag_scores(flags, np.concatenate(truth), names)
     keep = [k for k, r in enumerate(ids) if refs.get(r, "").strip()]
     cols = [CHEXPERT_LABELS.index(n) for n in names if n != "No Finding"]
     scope = [j for j, n in enumerate(names) if n != "No Finding"]
@@ -99,8 +98,7 @@ def main() -> int:
     out = {"command": " ".join(sys.argv), "model": str(bundle_dir), "data": str(args.data), "split": args.split,
            "flags": "reference labels" if args.reference_flags else "findings head", "n": len(keep),
            "draft_seconds": time.time() - t0, "modes": {},
-           "flags_f1": head["f1"],
-           "flags_f1_macro_drawn": float(np.mean([head["f1"][n] for n in DRAWN if n in head["f1"]]))}
+           "flags_f1": head["f1"], "flags_f1_macro_drawn": head["f1_macro_drawn"]}
     for mode in MODES:
         texts = state_flags(drafts, flags, names, extra, mode)
         m = score_drafts([texts[k] for k in keep], [refs[ids[k]] for k in keep])

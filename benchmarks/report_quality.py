@@ -156,13 +156,22 @@ def score_head(data: Path, workdir: Path, split: str = "test") -> dict:
             flags.append(f.numpy())
             ys.append(positives)
     y = np.concatenate(ys).astype(np.float64)
-    # the flags as 0/1 scores at a 0.5 cut: F1 of exactly what the LM is prompted with
-    m = multilabel_metrics(np.concatenate(flags).astype(np.float64), y, names)
+    m = flag_scores(np.concatenate(flags), y, names)
     auroc = multilabel_metrics(np.concatenate(probs), y, names)["auroc"]
-    drawn = [n for n in DRAWN if n in m["f1"]]
-    return {"f1": m["f1"], "auroc": auroc, "counts": m["counts"], "n": m["n"],
-            "f1_macro_drawn": float(np.mean([m["f1"][n] for n in drawn])),
-            "auroc_macro_drawn": float(np.mean([auroc[n] for n in drawn if n in auroc]))}
+    return {**m, "auroc": auroc, "auroc_macro_drawn": float(np.mean([auroc[n] for n in DRAWN if n in auroc]))}
+
+
+def flag_scores(flags, positives, names) -> dict:
+    """F1 of flags ``[N, L]`` (exactly what the LM is prompted with) against the study positives, per
+    label and macro over the drawn findings."""
+    import numpy as np
+
+    from medfuse_core.evaluation.metrics import multilabel_metrics
+
+    # the flags as 0/1 scores at a 0.5 cut
+    m = multilabel_metrics(np.asarray(flags, dtype=np.float64), np.asarray(positives, dtype=np.float64), names)
+    return {"f1": m["f1"], "counts": m["counts"], "n": m["n"],
+            "f1_macro_drawn": float(np.mean([m["f1"][n] for n in DRAWN if n in m["f1"]]))}
 
 
 def main() -> int:

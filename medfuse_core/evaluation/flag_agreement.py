@@ -30,16 +30,11 @@ import numpy as np
 
 from medfuse_core.data.labels import CHEXPERT_LABELS
 from medfuse_core.evaluation.report_labeler import NEGATIVE, POSITIVE, UNCERTAIN, rule_labeler
+from medfuse_core.objectives.alignment import report_sentences
 
 MODES = ("none", "add", "exact")
 SECTIONS = ("findings", "impression")
 NORMAL = "No Finding"
-
-
-def _sentences(text: str) -> list[str]:
-    from medfuse_core.objectives.alignment import report_sentences
-
-    return report_sentences(text)
 
 
 def _stated(labels: np.ndarray) -> list[frozenset | None]:
@@ -73,7 +68,7 @@ def mine_flag_sentences(reports: Iterable[str], names: Sequence[str], patients: 
         if k >= max_reports:
             break
         found = extract_sections(report or "")
-        texts = {s: sorted({style(t) for t in _sentences(found.get(s, ""))}) for s in SECTIONS}
+        texts = {s: sorted({style(t) for t in report_sentences(found.get(s, ""))}) for s in SECTIONS}
         every = [t for s in SECTIONS for t in texts[s]]
         if not every:
             continue
@@ -130,7 +125,7 @@ def agree_with_flags(drafts: Sequence[str], flags, names: Sequence[str], sentenc
     for draft, row in zip(drafts, wanted):
         flagged = {n for n, f in zip(names, row) if f} & scope
         found = extract_sections(draft)
-        parts = {s: list(dict.fromkeys(t for t in _sentences(found.get(s, "")) if t != EMPTY_SECTION))
+        parts = {s: list(dict.fromkeys(t for t in report_sentences(found.get(s, "")) if t != EMPTY_SECTION))
                  for s in SECTIONS}   # a sentence repeated inside a section is kept once
         stated: dict[str, set] = {}
         denied: dict[str, list] = {}

@@ -92,7 +92,7 @@ def draft_batch(bundle, images: torch.Tensor, contexts: Sequence[str] | None,
 def state_flags(drafts: list[str], flags, names, extra: dict, mode: str) -> list[str]:
     """``decoding.flag_agreement`` on drafts of a guided bundle (its ``extra``: mined sentences and
     thresholds): the findings it never flags are left as drafted."""
-    if mode == "none" or flags is None:
+    if mode == "none":
         return drafts
     from medfuse_core.evaluation.flag_agreement import agree_with_flags
     from medfuse_core.evaluation.metrics import NEVER_FLAG
